@@ -1,0 +1,23 @@
+"""chronos-video: Hugging Face-native efficient text-to-video generators.
+
+Every component class is imported here because diffusers resolves third-party pipeline
+components by looking them up on the top-level package named in `model_index.json`.
+"""
+
+__version__ = "0.1.0"
+
+from .models import ChronosAttention, NanoSoraTransformer3DModel
+from .pipelines import FlowVideoPipeline, NanoSoraPipeline, VideoPipelineOutput
+from .schedulers import ChronosFlowMatchScheduler
+from .text import build_text_encoder, train_caption_tokenizer
+
+__all__ = [
+    "ChronosAttention",
+    "ChronosFlowMatchScheduler",
+    "FlowVideoPipeline",
+    "NanoSoraPipeline",
+    "NanoSoraTransformer3DModel",
+    "VideoPipelineOutput",
+    "build_text_encoder",
+    "train_caption_tokenizer",
+]

@@ -1,0 +1,43 @@
+"""Datasets for chronos-video: procedural captioned clips built as `datasets.Dataset` objects."""
+
+from .shapes import (
+    ATTRIBUTE_NAMES,
+    CAPTION_TEMPLATES,
+    COLORS,
+    DIRECTIONS,
+    HELDOUT_COMBINATIONS,
+    SHAPES,
+    SIZES,
+    SPEEDS,
+    ShapeAttributes,
+    build_shapes_dataset,
+    heldout_prompts,
+    is_heldout,
+    max_num_frames,
+    parse_caption,
+    render_clip,
+    sample_attributes,
+    save_shapes_dataset,
+    shapes_features,
+)
+
+__all__ = [
+    "ATTRIBUTE_NAMES",
+    "CAPTION_TEMPLATES",
+    "COLORS",
+    "DIRECTIONS",
+    "HELDOUT_COMBINATIONS",
+    "SHAPES",
+    "SIZES",
+    "SPEEDS",
+    "ShapeAttributes",
+    "build_shapes_dataset",
+    "heldout_prompts",
+    "is_heldout",
+    "max_num_frames",
+    "parse_caption",
+    "render_clip",
+    "sample_attributes",
+    "save_shapes_dataset",
+    "shapes_features",
+]

@@ -1,0 +1,198 @@
+"""Building blocks shared by every chronos-video backbone.
+
+Tubelet patchification, 3D rotary positions, the timestep/text conditioning vector and
+AdaLN-Zero modulation live here once; each model family imports them instead of re-implementing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+
+def _as_triple(value: int | tuple[int, int, int] | list[int], name: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        value = (value, value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 3 or any(v < 1 for v in value):
+        raise ValueError(f"`{name}` must be a positive int or three positive ints (t, h, w), got {value}.")
+    return value
+
+
+class TubeletEmbed(nn.Module):
+    """Cuts a video into non-overlapping (t, h, w) tubelets and projects each to a token.
+
+    A strided Conv3d is exactly a linear map per tubelet, so spacetime is tokenised jointly
+    rather than frame by frame.
+    """
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: tuple[int, int, int]):
+        super().__init__()
+        self.patch_size = _as_triple(patch_size, "patch_size")
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        tokens = self.proj(video)  # (B, D, F', H', W')
+        grid = tuple(tokens.shape[2:])
+        return tokens.flatten(2).transpose(1, 2), grid
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int], channels: int):
+    """Inverse of tubelet patchification: (B, F'H'W', pt*ph*pw*C) -> (B, C, F, H, W)."""
+    batch = tokens.shape[0]
+    gf, gh, gw = grid
+    pt, ph, pw = patch_size
+    video = tokens.reshape(batch, gf, gh, gw, pt, ph, pw, channels)
+    video = video.permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return video.reshape(batch, channels, gf * pt, gh * ph, gw * pw)
+
+
+def rope_axes_dims(dim: int) -> tuple[int, int, int]:
+    """Splits an even rotary dimension over (time, height, width), each share even.
+
+    Height and width get equal shares; time takes the remainder, so it is never starved.
+    """
+    if dim % 2 != 0 or dim < 6:
+        raise ValueError(f"3D RoPE needs an even dimension >= 6, got {dim}.")
+    spatial = 2 * (dim // 6)
+    return dim - 2 * spatial, spatial, spatial
+
+
+def rope_angles_3d(
+    grid: tuple[int, int, int],
+    dim: int,
+    theta: float = 10000.0,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Rotation angles (L, dim // 2) of every token of a (F', H', W') grid, raster (t, h, w) order.
+
+    Each axis owns a slice of the frequency pairs, so a rotation by these angles makes the dot
+    product of two tokens depend on their relative (Δt, Δh, Δw) offset only.
+    """
+    axes = rope_axes_dims(dim)
+    per_axis = []
+    for size, axis_dim in zip(grid, axes):
+        freqs = theta ** (-torch.arange(0, axis_dim, 2, device=device, dtype=torch.float64) / axis_dim)
+        positions = torch.arange(size, device=device, dtype=torch.float64)
+        per_axis.append(torch.outer(positions, freqs))  # (size, axis_dim / 2)
+    gf, gh, gw = grid
+    angles_t = per_axis[0][:, None, None, :].expand(gf, gh, gw, -1)
+    angles_h = per_axis[1][None, :, None, :].expand(gf, gh, gw, -1)
+    angles_w = per_axis[2][None, None, :, :].expand(gf, gh, gw, -1)
+    return torch.cat([angles_t, angles_h, angles_w], dim=-1).reshape(gf * gh * gw, dim // 2).float()
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotates consecutive pairs of the last dim of `x` (..., L, dim) by `angles` (L, dim // 2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    real = pairs[..., 0] * cos - pairs[..., 1] * sin
+    imag = pairs[..., 0] * sin + pairs[..., 1] * cos
+    return torch.stack((real, imag), dim=-1).flatten(-2).to(x.dtype)
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the sequence axis of (B, S, D) that ignores padding."""
+    if mask is None:
+        return tokens.mean(dim=1)
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+class TextConditioning(nn.Module):
+    """Projects any text encoder's hidden states to the model width and pools them.
+
+    Keeping the projection inside the backbone is what lets a user swap in any pretrained
+    transformers encoder: only `text_embed_dim` has to match.
+    """
+
+    def __init__(self, text_embed_dim: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(text_embed_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size))
+        self.pooled = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, encoder_hidden_states: torch.Tensor, mask: torch.Tensor | None):
+        tokens = self.proj(encoder_hidden_states)
+        return tokens, self.pooled(masked_mean(tokens, mask))
+
+
+class TimestepConditioning(nn.Module):
+    """Sinusoidal timestep features followed by an MLP (diffusers' own modules)."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = 256):
+        super().__init__()
+        self.time_proj = Timesteps(frequency_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(frequency_dim, hidden_size)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.time_embedding(self.time_proj(timestep).to(dtype))
+
+
+class AdaLNZero(nn.Module):
+    """Produces `num_chunks` modulation vectors from the conditioning vector.
+
+    Zero-initialised so every residual branch starts as the identity (DiT's AdaLN-Zero): the
+    network begins as a no-op and learns how much each block should contribute.
+    """
+
+    def __init__(self, hidden_size: int, num_chunks: int):
+        super().__init__()
+        self.num_chunks = num_chunks
+        self.linear = nn.Linear(hidden_size, num_chunks * hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, conditioning: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(conditioning)).unsqueeze(1).chunk(self.num_chunks, dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class AdaLNFinalLayer(nn.Module):
+    """Modulated norm + linear head mapping tokens back to tubelet pixels, zero-initialised."""
+
+    def __init__(self, hidden_size: int, patch_size: tuple[int, int, int], out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.modulation = AdaLNZero(hidden_size, 2)
+        self.proj_out = nn.Linear(hidden_size, math.prod(patch_size) * out_channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(conditioning)
+        return self.proj_out(modulate(self.norm(x), shift, scale))
+
+
+def check_video_input(hidden_states: torch.Tensor, in_channels: int, patch_size: tuple[int, int, int]) -> None:
+    """Fails early, naming the argument, instead of deep inside a Conv3d."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 5:
+        shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
+        raise ValueError(f"`hidden_states` must be a 5D tensor (batch, channels, frames, height, width), got {shape}.")
+    if hidden_states.shape[1] != in_channels:
+        raise ValueError(f"`hidden_states` has {hidden_states.shape[1]} channels, the model expects {in_channels}.")
+    for size, patch, name in zip(hidden_states.shape[2:], patch_size, ("frames", "height", "width")):
+        if size % patch != 0:
+            raise ValueError(f"`hidden_states` {name}={size} is not divisible by the patch size {patch}.")
+
+
+def prepare_text_mask(encoder_attention_mask: torch.Tensor | None, batch: int, seq_len: int, device) -> torch.Tensor:
+    """Boolean (B, S) mask that always keeps at least one token, so attention never sees an empty row."""
+    if encoder_attention_mask is None:
+        return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    mask = encoder_attention_mask.to(device=device).bool()
+    if mask.shape != (batch, seq_len):
+        raise ValueError(
+            f"`encoder_attention_mask` must have shape (batch, seq_len)=({batch}, {seq_len}), got {tuple(mask.shape)}."
+        )
+    empty = ~mask.any(dim=1)
+    if empty.any():
+        mask = mask.clone()
+        mask[empty, 0] = True
+    return mask

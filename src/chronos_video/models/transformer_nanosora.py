@@ -1,0 +1,131 @@
+"""Nano-Sora: a diffusion transformer over 3D tubelets with AdaLN-Zero and text cross-attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import FeedForward
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import apply_lora_scale
+
+from .attention import ChronosAttention
+from .embeddings import (
+    AdaLNFinalLayer,
+    AdaLNZero,
+    TextConditioning,
+    TimestepConditioning,
+    TubeletEmbed,
+    _as_triple,
+    check_video_input,
+    modulate,
+    prepare_text_mask,
+    rope_angles_3d,
+    unpatchify,
+)
+
+
+class NanoSoraBlock(nn.Module):
+    """DiT block: modulated self-attention (3D RoPE), cross-attention to text, modulated MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None, mlp_ratio: float, qk_norm: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = ChronosAttention(hidden_size, num_heads, num_kv_heads, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.cross_attn = ChronosAttention(hidden_size, num_heads, num_kv_heads, cross_attention_dim=hidden_size, qk_norm=qk_norm)
+        self.norm3 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(hidden_size, mult=mlp_ratio, activation_fn="gelu-approximate")
+        self.modulation = AdaLNZero(hidden_size, 6)
+
+    def forward(self, x, conditioning, text_tokens, text_mask, rotary_angles):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(conditioning)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rotary_angles=rotary_angles)
+        x = x + self.cross_attn(self.norm2(x), encoder_hidden_states=text_tokens, attention_mask=text_mask)
+        return x + gate_mlp * self.ff(modulate(self.norm3(x), shift_mlp, scale_mlp))
+
+
+class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """Velocity predictor for rectified-flow video generation (Nano-Sora).
+
+    Args:
+        in_channels / out_channels: channels of the (pixel or latent) video.
+        sample_frames / sample_height / sample_width: training size, used as pipeline defaults.
+        patch_size: tubelet size (t, h, w).
+        hidden_size, num_layers, num_attention_heads, num_kv_heads: width, depth, heads (GQA when
+            `num_kv_heads` < heads).
+        mlp_ratio: MLP expansion.
+        text_embed_dim: hidden size of the text encoder whose states are passed in.
+        rope_theta: base of the 3D rotary frequencies.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["NanoSoraBlock"]
+    _skip_layerwise_casting_patterns = ["patch_embed", "norm", "time_embed"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        sample_frames: int = 16,
+        sample_height: int = 32,
+        sample_width: int = 32,
+        patch_size: tuple[int, int, int] = (2, 4, 4),
+        hidden_size: int = 192,
+        num_layers: int = 6,
+        num_attention_heads: int = 6,
+        num_kv_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        text_embed_dim: int = 128,
+        qk_norm: bool = True,
+        rope_theta: float = 10000.0,
+    ):
+        super().__init__()
+        self.patch_size = _as_triple(patch_size, "patch_size")
+        self.out_channels = out_channels or in_channels
+        self.patch_embed = TubeletEmbed(in_channels, hidden_size, self.patch_size)
+        self.time_embed = TimestepConditioning(hidden_size)
+        self.text_embed = TextConditioning(text_embed_dim, hidden_size)
+        self.blocks = nn.ModuleList(
+            [NanoSoraBlock(hidden_size, num_attention_heads, num_kv_heads, mlp_ratio, qk_norm) for _ in range(num_layers)]
+        )
+        self.final_layer = AdaLNFinalLayer(hidden_size, self.patch_size, self.out_channels)
+        self.gradient_checkpointing = False
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predicts the flow velocity (noise - x0) of `hidden_states` (B, C, F, H, W) at `timestep` (0..1000)."""
+        check_video_input(hidden_states, self.config.in_channels, self.patch_size)
+        batch = hidden_states.shape[0]
+        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
+
+        tokens, grid = self.patch_embed(hidden_states)
+        text_mask = prepare_text_mask(encoder_attention_mask, batch, encoder_hidden_states.shape[1], tokens.device)
+        text_tokens, pooled_text = self.text_embed(encoder_hidden_states.to(tokens.dtype), text_mask)
+        conditioning = self.time_embed(timestep, tokens.dtype) + pooled_text
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        rotary_angles = rope_angles_3d(grid, head_dim, self.config.rope_theta, device=tokens.device)
+
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, tokens, conditioning, text_tokens, text_mask, rotary_angles)
+            else:
+                tokens = block(tokens, conditioning, text_tokens, text_mask, rotary_angles)
+
+        output = unpatchify(self.final_layer(tokens, conditioning), grid, self.patch_size, self.out_channels)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)

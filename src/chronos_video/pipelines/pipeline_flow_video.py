@@ -1,0 +1,406 @@
+"""The text-to-video pipeline every chronos-video flow model shares.
+
+Backbones differ (DiT, complex Mamba, hierarchical reasoning); the sampling contract does not:
+text in, velocity predictor plus `ChronosFlowMatchScheduler`, pixel space by default or any
+diffusers video autoencoder, outputs through diffusers' `VideoProcessor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import CogVideoXLoraLoaderMixin
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+@dataclass
+class VideoPipelineOutput(BaseOutput):
+    """Output of chronos-video pipelines.
+
+    Args:
+        frames: `np` (batch, frames, height, width, channels) in [0, 1], `pt` (batch, frames,
+            channels, height, width), `pil` a list of lists of images, or latents.
+        trace: one dict per denoising step (timestep, sigma, and, when enabled, the precision
+            gauge, entropy and constraint residual), so a sampling run can be audited.
+    """
+
+    frames: np.ndarray | torch.Tensor | list
+    trace: list[dict[str, Any]] | None = None
+
+
+class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
+    """Shared base: prompt encoding, input checks, the rectified-flow sampling loop and decoding.
+
+    Components: `tokenizer` and `text_encoder` (any transformers pair), `transformer` (the
+    velocity predictor; the diffusers name is kept so LoRA loaders and offloading work),
+    `scheduler` (`ChronosFlowMatchScheduler`) and an optional `vae` (None = pixel space).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(self, tokenizer, text_encoder, transformer, scheduler, vae=None):
+        super().__init__()
+        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler, vae=vae)
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def vae_scale_factor_spatial(self) -> int:
+        return self._vae_compression()[1]
+
+    @property
+    def vae_scale_factor_temporal(self) -> int:
+        return self._vae_compression()[0]
+
+    def _vae_compression(self) -> tuple[int, int]:
+        """(temporal, spatial) compression of the autoencoder; (1, 1) in pixel space."""
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            return 1, 1
+        config = vae.config
+        if "temperal_downsample" in config:  # Wan-style autoencoders
+            return 2 ** sum(config.temperal_downsample), 2 ** len(config.temperal_downsample)
+        temporal = config.get("temporal_compression_ratio", 1)
+        spatial = config.get("spatial_compression_ratio", 2 ** (len(config.get("block_out_channels", [0])) - 1))
+        return int(temporal), int(spatial)
+
+    @property
+    def _latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    def _latent_shape(self, batch: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        temporal, spatial = self._vae_compression()
+        latent_frames = num_frames if temporal == 1 else (num_frames - 1) // temporal + 1
+        return (batch, self._latent_channels, latent_frames, height // spatial, width // spatial)
+
+    def _default_size(self) -> tuple[int, int, int]:
+        config = self.transformer.config
+        temporal, spatial = self._vae_compression()
+        frames = config.sample_frames if temporal == 1 else (config.sample_frames - 1) * temporal + 1
+        return frames, config.sample_height * spatial, config.sample_width * spatial
+
+    # ------------------------------------------------------------------ text
+    def _max_sequence_length(self, max_sequence_length: int | None) -> int:
+        if max_sequence_length is not None:
+            return max_sequence_length
+        model_max = getattr(self.tokenizer, "model_max_length", 128)
+        return int(model_max) if model_max <= 1024 else 128
+
+    def _encode_text(self, prompts: list[str], max_sequence_length: int, device, dtype):
+        inputs = self.tokenizer(
+            prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        )
+        mask = inputs.attention_mask.to(device)
+        hidden = self.text_encoder(input_ids=inputs.input_ids.to(device), attention_mask=mask).last_hidden_state
+        return hidden.to(dtype), mask
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        num_videos_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        max_sequence_length: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """Returns (prompt_embeds, prompt_mask, negative_embeds, negative_mask), repeated per video."""
+        device = device or self._execution_device
+        dtype = dtype or self.transformer.dtype
+        max_len = self._max_sequence_length(max_sequence_length)
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else prompt
+            prompt_embeds, prompt_attention_mask = self._encode_text(prompt, max_len, device, dtype)
+        elif prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
+        batch = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt or ""
+            negative_prompt = batch * [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(negative_prompt, max_len, device, dtype)
+        elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
+            negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.long, device=device)
+
+        def repeat(tensor):
+            return None if tensor is None else tensor.to(device).repeat_interleave(num_videos_per_prompt, dim=0)
+
+        return (
+            repeat(prompt_embeds.to(dtype)),
+            repeat(prompt_attention_mask),
+            repeat(negative_prompt_embeds.to(dtype) if negative_prompt_embeds is not None else None),
+            repeat(negative_prompt_attention_mask),
+        )
+
+    # ------------------------------------------------------------------ checks
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        num_frames,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale,
+        num_videos_per_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_attention_mask,
+        latents,
+        generator,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ) -> int:
+        """Validates every argument, naming it in the error; returns the prompt batch size."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass one of `prompt` or `prompt_embeds`.")
+        if prompt is not None:
+            if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
+                raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
+            batch = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+                raise ValueError("`prompt_embeds` must be a tensor of shape (batch, seq_len, hidden_size).")
+            batch = prompt_embeds.shape[0]
+            expected = getattr(self.transformer.config, "text_embed_dim", None)
+            if expected is not None and prompt_embeds.shape[-1] != expected:
+                raise ValueError(f"`prompt_embeds` hidden size {prompt_embeds.shape[-1]} != transformer `text_embed_dim` {expected}.")
+            if prompt_attention_mask is not None and tuple(prompt_attention_mask.shape) != tuple(prompt_embeds.shape[:2]):
+                raise ValueError(
+                    f"`prompt_attention_mask` shape {tuple(prompt_attention_mask.shape)} must equal `prompt_embeds`' (batch, seq_len) {tuple(prompt_embeds.shape[:2])}."
+                )
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
+            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but the prompt batch size is {batch}.")
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+            raise ValueError(f"`negative_prompt` must be a string or list of strings, got {type(negative_prompt).__name__}.")
+        if negative_prompt_embeds is not None:
+            if prompt_embeds is None:
+                raise ValueError("`negative_prompt_embeds` requires `prompt_embeds` (embeddings of the same encoder).")
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(
+                    f"`negative_prompt_embeds` shape {tuple(negative_prompt_embeds.shape)} must equal `prompt_embeds` shape {tuple(prompt_embeds.shape)}."
+                )
+            if negative_prompt_attention_mask is not None and tuple(negative_prompt_attention_mask.shape) != tuple(negative_prompt_embeds.shape[:2]):
+                raise ValueError("`negative_prompt_attention_mask` must have shape (batch, seq_len) of `negative_prompt_embeds`.")
+
+        for name, value in (("num_frames", num_frames), ("height", height), ("width", width),
+                            ("num_inference_steps", num_inference_steps), ("num_videos_per_prompt", num_videos_per_prompt)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a non-negative number, got {guidance_scale!r}.")
+
+        temporal, spatial = self._vae_compression()
+        patch_t, patch_h, patch_w = self.transformer.config.patch_size
+        if height % (spatial * patch_h) != 0 or width % (spatial * patch_w) != 0:
+            raise ValueError(
+                f"`height` ({height}) and `width` ({width}) must be divisible by {spatial * patch_h} and {spatial * patch_w} "
+                f"(autoencoder factor {spatial} x patch size {patch_h}x{patch_w})."
+            )
+        latent_frames = self._latent_shape(1, num_frames, height, width)[2]
+        if temporal > 1 and (num_frames - 1) % temporal != 0:
+            raise ValueError(f"`num_frames` ({num_frames}) must be 1 + a multiple of the autoencoder's temporal factor {temporal}.")
+        if latent_frames % patch_t != 0:
+            raise ValueError(f"`num_frames` ({num_frames}) gives {latent_frames} latent frames, not divisible by the temporal patch size {patch_t}.")
+
+        total = batch * num_videos_per_prompt
+        if latents is not None:
+            expected_shape = self._latent_shape(total, num_frames, height, width)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected_shape:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(f"`latents` must have shape {expected_shape}, got {got}.")
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"`generator` list has {len(generator)} entries but batch_size * num_videos_per_prompt = {total}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` has unknown names {unknown}; allowed: {self._callback_tensor_inputs}."
+                )
+        return batch
+
+    # ------------------------------------------------------------------ latents
+    def prepare_latents(self, batch, num_frames, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype)
+        shape = self._latent_shape(batch, num_frames, height, width)
+        return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> video (B, C, F, H, W) in [-1, 1]."""
+        if self.vae is None:
+            return latents.float().clamp(-1, 1)
+        config = self.vae.config
+        latents = latents.to(self.vae.dtype)
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            view = (1, -1, 1, 1, 1)
+            mean = torch.tensor(config.latents_mean, device=latents.device, dtype=latents.dtype).view(view)
+            std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype).view(view)
+            latents = latents * std + mean
+        else:
+            latents = latents / config.get("scaling_factor", 1.0) + (config.get("shift_factor") or 0.0)
+        return self.vae.decode(latents, return_dict=False)[0].float().clamp(-1, 1)
+
+    # ------------------------------------------------------------------ sampling
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def predict_velocity(self, latents, timestep, prompt_embeds, prompt_mask, attention_kwargs) -> torch.Tensor:
+        """One (classifier-free guided) velocity evaluation of the backbone."""
+        model_input = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
+        velocity = self.transformer(
+            hidden_states=model_input.to(self.transformer.dtype),
+            timestep=timestep.expand(model_input.shape[0]),
+            encoder_hidden_states=prompt_embeds,
+            encoder_attention_mask=prompt_mask,
+            attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0].float()
+        if self.do_classifier_free_guidance:
+            uncond, cond = velocity.chunk(2)
+            velocity = uncond + self._guidance_scale * (cond - uncond)
+        return velocity
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 4.0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_sequence_length: int | None = None,
+    ) -> VideoPipelineOutput | tuple:
+        """Generates videos from text.
+
+        Args:
+            prompt / negative_prompt: text, or lists of texts (one per video in the batch).
+            num_frames, height, width: output size; default to the backbone's training size.
+            num_inference_steps: number of sampler steps (Heun evaluates the model ~2x per step).
+            guidance_scale: classifier-free guidance weight; <= 1 disables the unconditional branch.
+            num_videos_per_prompt: videos sampled for each prompt.
+            generator / latents: randomness; the same generator gives the same video.
+            prompt_embeds / negative_prompt_embeds (+ attention masks): precomputed text states.
+            output_type: "np", "pt", "pil" or "latent".
+            callback_on_step_end / callback_on_step_end_tensor_inputs: called after every step with the
+                named tensors; it may return replacements for them.
+        Returns:
+            `VideoPipelineOutput` (frames, trace) or a tuple `(frames,)`.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        default_frames, default_height, default_width = self._default_size()
+        num_frames = default_frames if num_frames is None else num_frames
+        height = default_height if height is None else height
+        width = default_width if width is None else width
+
+        batch = self.check_inputs(
+            prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale, num_videos_per_prompt,
+            prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask, latents,
+            generator, output_type, callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = float(guidance_scale)
+        self._interrupt = False
+        device = self._execution_device
+
+        prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
+            prompt, negative_prompt, self.do_classifier_free_guidance, num_videos_per_prompt, prompt_embeds,
+            negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask, max_sequence_length, device,
+        )
+        if self.do_classifier_free_guidance:
+            model_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            model_mask = torch.cat([negative_mask, prompt_mask])
+        else:
+            model_embeds, model_mask = prompt_embeds, prompt_mask
+
+        latents = self.prepare_latents(
+            batch * num_videos_per_prompt, num_frames, height, width, torch.float32, device, generator, latents
+        )
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        trace: list[dict[str, Any]] = []
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                sigma = float(self.scheduler.sigmas[self.scheduler.step_index or 0])
+                velocity = self.predict_velocity(latents, t, model_embeds, model_mask, attention_kwargs)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                trace.append({"step": i, "timestep": float(t), "sigma": sigma})
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    if self.do_classifier_free_guidance:
+                        model_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+                    else:
+                        model_embeds = prompt_embeds
+                progress_bar.update()
+
+        if output_type == "latent":
+            video = latents
+        else:
+            video = self.video_processor.postprocess_video(self.decode_latents(latents), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (video,)
+        return VideoPipelineOutput(frames=video, trace=trace)
