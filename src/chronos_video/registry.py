@@ -1,0 +1,43 @@
+"""Architectures the training script and CLI know by name.
+
+Each model family registers its backbone and pipeline classes here, so `training/train.py`
+builds any of them from a config's `architecture:` key without special cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_class: type
+    pipeline_class: type
+
+
+_ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(name: str, model_class: type, pipeline_class: type) -> None:
+    _ARCHITECTURES[name] = Architecture(name, model_class, pipeline_class)
+
+
+def get_architecture(name: str) -> Architecture:
+    if name not in _ARCHITECTURES:
+        raise ValueError(f"Unknown `architecture` {name!r}; registered: {sorted(_ARCHITECTURES)}.")
+    return _ARCHITECTURES[name]
+
+
+def list_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def _register_builtin() -> None:
+    from .models.transformer_nanosora import NanoSoraTransformer3DModel
+    from .pipelines.pipeline_nanosora import NanoSoraPipeline
+
+    register_architecture("nano-sora", NanoSoraTransformer3DModel, NanoSoraPipeline)
+
+
+_register_builtin()

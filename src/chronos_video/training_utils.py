@@ -1,0 +1,161 @@
+"""Training helpers: pickle-free, atomic, resumable checkpoints and the rectified-flow objective.
+
+`accelerator.save_state` stores optimizer, scheduler and RNG states with pickle and reloads
+custom objects with `weights_only=False`. Our checkpoints hold the same content as safetensors
+(every tensor) plus JSON (everything else), are written into a temporary folder and renamed
+into place in one step, so a killed process can never leave a half-written checkpoint that
+`--resume_from_checkpoint latest` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+_TENSOR_KEY = "__tensor__"
+_DICT_KEY = "__dict__"
+_TUPLE_KEY = "__tuple__"
+
+
+def _to_serialisable(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """Replaces every tensor in a nested structure by a reference; keeps key types exact."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}" if prefix else "t"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {_TENSOR_KEY: key}
+    if isinstance(obj, dict):
+        return {_DICT_KEY: [[k, _to_serialisable(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {_TUPLE_KEY: [_to_serialisable(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_to_serialisable(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"Cannot store {type(obj).__name__} in a checkpoint (at {prefix!r}).")
+
+
+def _from_serialisable(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if _TENSOR_KEY in obj:
+            return tensors[obj[_TENSOR_KEY]]
+        if _DICT_KEY in obj:
+            return {k: _from_serialisable(v, tensors) for k, v in obj[_DICT_KEY]}
+        if _TUPLE_KEY in obj:
+            return tuple(_from_serialisable(v, tensors) for v in obj[_TUPLE_KEY])
+    if isinstance(obj, list):
+        return [_from_serialisable(v, tensors) for v in obj]
+    return obj
+
+
+def save_state_dict(state: dict[str, Any], folder: Path, name: str) -> None:
+    """Writes `name.safetensors` (tensors) and `name.json` (structure) into `folder`."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _to_serialisable(state, tensors, name)
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(structure))
+
+
+def load_state_dict(folder: Path, name: str) -> dict[str, Any]:
+    tensors = load_file(str(folder / f"{name}.safetensors"))
+    return _from_serialisable(json.loads((folder / f"{name}.json").read_text()), tensors)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first (temporary folders are ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found) if (p / "training_state.json").is_file()]
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> Path | None:
+    """'latest' -> newest complete checkpoint (or None when there is none); a path -> that path."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if not (path / "training_state.json").is_file():
+        raise ValueError(f"`resume_from_checkpoint`={resume_from_checkpoint!r} is not a complete checkpoint folder.")
+    return path
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    states: dict[str, dict[str, Any]],
+    metadata: dict[str, Any],
+    total_limit: int | None = None,
+) -> Path:
+    """Atomically writes `checkpoint-{step}` holding each named state dict, then prunes old ones.
+
+    `training_state.json` is written last inside the temporary folder and the folder is renamed
+    into place with `os.replace`; a checkpoint without it is never considered complete.
+    """
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step}"
+    staging = root / f".checkpoint-{step}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    for name, state in states.items():
+        save_state_dict(state, staging, name)
+    (staging / "training_state.json").write_text(json.dumps({"step": step, **metadata}, indent=2))
+    for path in staging.iterdir():  # flush file contents before the rename makes them visible
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    if total_limit is not None and total_limit > 0:
+        for old in list_checkpoints(root)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, names: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    folder = Path(path)
+    metadata = json.loads((folder / "training_state.json").read_text())
+    return {name: load_state_dict(folder, name) for name in names}, metadata
+
+
+def sample_flow_sigmas(
+    batch_size: int,
+    generator: torch.Generator,
+    weighting_scheme: str = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    shift: float = 1.0,
+) -> torch.Tensor:
+    """Training noise levels in (0, 1) from diffusers' timestep densities, with the sampler's shift.
+
+    diffusers' helper draws from the global RNG; we fork it under `generator`'s seed so each
+    training step's noise levels are a pure function of (seed, step) and resume is exact.
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme, batch_size, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
+        )
+    u = u.clamp(1e-4, 1.0 - 1e-4)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def rectified_flow_inputs(x0: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = (1 - sigma) x0 + sigma * noise and the velocity target noise - x0 (diffusers' convention)."""
+    view = sigmas.view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - view) * x0 + view * noise, noise - x0

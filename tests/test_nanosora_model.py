@@ -1,0 +1,132 @@
+"""NanoSoraTransformer3DModel and the shared building blocks it imports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from chronos_video import NanoSoraTransformer3DModel
+from chronos_video.models.embeddings import apply_rotary, rope_angles_3d, unpatchify, TubeletEmbed
+
+
+def tiny_model(**kwargs) -> NanoSoraTransformer3DModel:
+    torch.manual_seed(0)
+    config = dict(sample_frames=4, sample_height=16, sample_width=16, hidden_size=32, num_layers=2, num_attention_heads=4,
+                  num_kv_heads=2, text_embed_dim=24)
+    config.update(kwargs)
+    model = NanoSoraTransformer3DModel(**config)
+    with torch.no_grad():  # leave the AdaLN-Zero identity start so outputs depend on the input
+        for param in model.parameters():
+            if param.abs().sum() == 0:
+                param.normal_(0, 0.05)
+    return model
+
+
+def inputs(batch: int = 2):
+    generator = torch.Generator().manual_seed(1)
+    video = torch.randn(batch, 3, 4, 16, 16, generator=generator)
+    text = torch.randn(batch, 5, 24, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])[:batch]
+    return video, torch.tensor([900.0, 50.0])[:batch], text, mask
+
+
+def test_forward_shape_and_dependence_on_every_input():
+    model = tiny_model()
+    video, timestep, text, mask = inputs()
+    out = model(video, timestep, text, mask).sample
+    assert out.shape == video.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, model(video, timestep * 0.5, text, mask).sample)
+    assert not torch.allclose(out, model(video, timestep, text + 1, mask).sample)
+    # padded text tokens must not matter
+    text_changed_padding = text.clone()
+    text_changed_padding[0, 3:] = 100.0
+    assert torch.allclose(out[0], model(video, timestep, text_changed_padding, mask).sample[0], atol=1e-5)
+
+
+def test_empty_text_mask_is_safe():
+    model = tiny_model()
+    video, timestep, text, _ = inputs()
+    out = model(video, timestep, text, torch.zeros(2, 5, dtype=torch.long)).sample
+    assert torch.isfinite(out).all()
+
+
+def test_tubelet_roundtrip():
+    embed = TubeletEmbed(3, 3 * 2 * 4 * 4, (2, 4, 4))
+    video = torch.randn(1, 3, 4, 8, 8)
+    tokens, grid = embed(video)
+    assert tokens.shape == (1, 2 * 2 * 2, 96) and grid == (2, 2, 2)
+    # unpatchify inverts the raster layout of a per-tubelet flatten
+    patches = video.reshape(1, 3, 2, 2, 2, 4, 2, 4).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(1, 8, 96)
+    assert torch.equal(unpatchify(patches, grid, (2, 4, 4), 3), video)
+
+
+def test_rope_3d_scores_depend_only_on_relative_offset():
+    angles = rope_angles_3d((3, 4, 5), 12).view(3, 4, 5, 6)
+    q, k = torch.randn(12), torch.randn(12)
+
+    def score(p, s):
+        return (apply_rotary(q[None], angles[p].reshape(1, 6)) * apply_rotary(k[None], angles[s].reshape(1, 6))).sum()
+
+    assert torch.allclose(score((0, 0, 0), (1, 2, 3)), score((1, 1, 1), (2, 3, 4)), atol=1e-5)
+    assert not torch.allclose(score((0, 0, 0), (1, 2, 3)), score((0, 0, 0), (2, 2, 3)), atol=1e-3)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = tiny_model()
+    video, timestep, text, mask = inputs()
+    model(video, timestep, text, mask).sample.square().mean().backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    model.train()
+    model(video, timestep, text, mask).sample.square().mean().backward()
+    for expected, param in zip(reference, model.parameters()):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_scale_through_attention_kwargs():
+    model = tiny_model()
+    video, timestep, text, mask = inputs()
+    base = model(video, timestep, text, mask).sample
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out"]))
+    with torch.no_grad():  # LoRA's B matrices start at zero; give the adapter an effect
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    with_lora = model(video, timestep, text, mask).sample
+    scaled_off = model(video, timestep, text, mask, attention_kwargs={"scale": 0.0}).sample
+    assert not torch.allclose(with_lora, base, atol=1e-4)
+    torch.testing.assert_close(scaled_off, base, rtol=1e-4, atol=1e-5)
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = tiny_model()
+    video, timestep, text, mask = inputs()
+    model.save_pretrained(tmp_path)
+    loaded = NanoSoraTransformer3DModel.from_pretrained(tmp_path)
+    assert {k: v for k, v in loaded.config.items() if k != "_name_or_path"} == {k: v for k, v in model.config.items() if k != "_name_or_path"}
+    assert torch.equal(model(video, timestep, text, mask).sample, loaded(video, timestep, text, mask).sample)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"hidden_size": 30, "num_attention_heads": 4}, "divisible by `num_heads`"), ({"num_kv_heads": 3}, "num_kv_heads"),
+     ({"patch_size": (0, 4, 4)}, "patch_size")],
+)
+def test_bad_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**kwargs)
+
+
+def test_bad_input_errors():
+    model = tiny_model()
+    video, timestep, text, mask = inputs()
+    with pytest.raises(ValueError, match="5D"):
+        model(video[0], timestep, text, mask)
+    with pytest.raises(ValueError, match="channels"):
+        model(video[:, :2], timestep, text, mask)
+    with pytest.raises(ValueError, match="height=15"):
+        model(video[..., :15, :], timestep, text, mask)
+    with pytest.raises(ValueError, match="encoder_attention_mask"):
+        model(video, timestep, text, mask[:, :3])
