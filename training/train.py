@@ -215,8 +215,12 @@ def load_training_frames(config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
     else:
         dataset = build_shapes_dataset(**data)
         dataset.save_to_disk(str(cache))
-    frames = torch.from_numpy(np.ascontiguousarray(dataset.with_format("numpy")["frames"]))
-    return frames, list(dataset["caption"])
+    # `datasets` hands Array4D back as int64; copy in chunks into uint8 so memory stays at 1 byte/pixel.
+    frames = np.empty((len(dataset), *dataset.features["frames"].shape), dtype=np.uint8)
+    reader = dataset.with_format("numpy", columns=["frames"])
+    for start in range(0, len(dataset), 1024):
+        frames[start : start + 1024] = reader[start : start + 1024]["frames"]
+    return torch.from_numpy(frames), list(dataset["caption"])
 
 
 def batch_indices(step: int, batch_size: int, num_items: int, seed: int, rank: int, world: int) -> torch.Tensor:
