@@ -1,4 +1,5 @@
+from .pipeline_chronos import ChronosPipeline
 from .pipeline_flow_video import FlowVideoPipeline, VideoPipelineOutput
 from .pipeline_nanosora import NanoSoraPipeline
 
-__all__ = ["FlowVideoPipeline", "NanoSoraPipeline", "VideoPipelineOutput"]
+__all__ = ["ChronosPipeline", "FlowVideoPipeline", "NanoSoraPipeline", "VideoPipelineOutput"]

@@ -20,9 +20,13 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from ..guidance import ConstraintTransport, RegionConstraint, identity_pixel_decoder, vae_decoder
+from ..precision import PrecisionController, PrecisionSchedule, resolve_precision
+
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+_FROM_SCHEDULER = "scheduler"
 
 
 @dataclass
@@ -32,12 +36,15 @@ class VideoPipelineOutput(BaseOutput):
     Args:
         frames: `np` (batch, frames, height, width, channels) in [0, 1], `pt` (batch, frames,
             channels, height, width), `pil` a list of lists of images, or latents.
-        trace: one dict per denoising step (timestep, sigma, and, when enabled, the precision
-            gauge, entropy and constraint residual), so a sampling run can be audited.
+        trace: one dict per model evaluation: timestep, sigma, and, when enabled, the precision
+            gauge and entropy, the constraint violation (RMS over the mask) and barrier value.
+        constraints_satisfied: with `constraints`, one bool per video: whether the final video is
+            within every constraint's epsilon (None without constraints).
     """
 
     frames: np.ndarray | torch.Tensor | list
     trace: list[dict[str, Any]] | None = None
+    constraints_satisfied: list[bool] | None = None
 
 
 class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
@@ -282,6 +289,35 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
     def interrupt(self) -> bool:
         return self._interrupt
 
+    # ------------------------------------------------------------------ constraint transport
+    def _constraint_decoder(self):
+        """Clean latents -> pixels (B, F, C, H, W) in [0, 1], the space constraints are stated in."""
+        return identity_pixel_decoder() if self.vae is None else vae_decoder(self.vae)
+
+    def _build_transport(self, constraints, constraint_settings) -> ConstraintTransport | None:
+        if constraints is None:
+            return None
+        if isinstance(constraints, RegionConstraint):
+            constraints = [constraints]
+        if not isinstance(constraints, (list, tuple)) or not constraints:
+            raise ValueError("`constraints` must be a RegionConstraint or a non-empty list of them.")
+        if constraint_settings is not None and not isinstance(constraint_settings, dict):
+            raise ValueError(f"`constraint_settings` must be a dict of ConstraintTransport options, got {type(constraint_settings).__name__}.")
+        settings = {**(self.scheduler.config.get("constraint_settings") or {}), **(constraint_settings or {})}
+        return ConstraintTransport.from_config(settings, list(constraints))
+
+    def _check_constraint_shapes(self, transport: ConstraintTransport, num_frames: int, height: int, width: int) -> None:
+        expected = (num_frames, 3, height, width)
+        for index, constraint in enumerate(transport.constraints):
+            if tuple(constraint.shape) != expected:
+                raise ValueError(f"`constraints[{index}]` describes a video of shape {tuple(constraint.shape)}, the pipeline generates (F, C, H, W)={expected}.")
+
+    # ------------------------------------------------------------------ precision gauges
+    def _resolve_precision(self, precision) -> PrecisionSchedule | None:
+        if isinstance(precision, str) and precision == _FROM_SCHEDULER:
+            precision = self.scheduler.config.get("precision_schedule")
+        return resolve_precision(precision, calibrated=self.scheduler.config.get("calibrated_precision_schedule"))
+
     def predict_velocity(self, latents, timestep, prompt_embeds, prompt_mask, attention_kwargs) -> torch.Tensor:
         """One (classifier-free guided) velocity evaluation of the backbone."""
         model_input = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
@@ -321,6 +357,9 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_sequence_length: int | None = None,
+        constraints: RegionConstraint | list[RegionConstraint] | None = None,
+        constraint_settings: dict[str, Any] | None = None,
+        precision: str | PrecisionSchedule | dict | None = _FROM_SCHEDULER,
     ) -> VideoPipelineOutput | tuple:
         """Generates videos from text.
 
@@ -335,8 +374,17 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             output_type: "np", "pt", "pil" or "latent".
             callback_on_step_end / callback_on_step_end_tensor_inputs: called after every step with the
                 named tensors; it may return replacements for them.
+            constraints: `RegionConstraint`s on the output pixels (keyframes, regions); every model
+                evaluation's velocity is corrected (natural gradient + CBF filter by default) and the
+                final video is projected into the constraint set, or the output says it could not be.
+            constraint_settings: `ConstraintTransport` options (method "natural" | "dps" | "repaint" |
+                "none", solver, cbf, strength, ...) over the scheduler config's `constraint_settings`.
+            precision: numeric precision per step: a preset ("seed", "seed_entropy", "sigma"),
+                "calibrated" (the profiler's schedule stored in the scheduler config), a
+                `PrecisionSchedule` or its dict, or None for full precision. Default: the
+                scheduler config's `precision_schedule` (None there = full precision).
         Returns:
-            `VideoPipelineOutput` (frames, trace) or a tuple `(frames,)`.
+            `VideoPipelineOutput` (frames, trace, constraints_satisfied) or a tuple `(frames,)`.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -354,6 +402,15 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
         device = self._execution_device
+        transport = self._build_transport(constraints, constraint_settings)
+        if transport is not None:
+            self._check_constraint_shapes(transport, num_frames, height, width)
+            transport.constraints = [c.to(device) for c in transport.constraints]
+            decoder = self._constraint_decoder()
+        schedule = self._resolve_precision(precision)
+        controller = None
+        if schedule is not None:  # quantizes the weight banks once for this call; steps only swap pointers
+            controller = PrecisionController(self.transformer, gauges=schedule.gauges(), backend=self.scheduler.config.get("precision_backend", "emulate"))
 
         prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
             prompt, negative_prompt, self.do_classifier_free_guidance, num_videos_per_prompt, prompt_embeds,
@@ -373,28 +430,55 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         self._num_timesteps = len(timesteps)
         trace: list[dict[str, Any]] = []
 
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                sigma = float(self.scheduler.sigmas[self.scheduler.step_index or 0])
-                velocity = self.predict_velocity(latents, t, model_embeds, model_mask, attention_kwargs)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
-                trace.append({"step": i, "timestep": float(t), "sigma": sigma})
+        try:
+            with self.progress_bar(total=len(timesteps)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    sigma, sigma_next = self.scheduler.current_sigmas()
+                    record: dict[str, Any] = {"step": i, "timestep": float(t), "sigma": sigma}
+                    if controller is not None:
+                        entropy = schedule.measure_entropy(latents) if schedule.entropy_estimator else None
+                        decision = controller.apply_schedule(schedule, sigma, entropy)
+                        record.update(gauge=decision.gauge, entropy=entropy)
+                    velocity = self.predict_velocity(latents, t, model_embeds, model_mask, attention_kwargs)
+                    if transport is not None and sigma > 0:
+                        velocity, info = transport.correct(latents, velocity, sigma, sigma_next, decoder)
+                        record.update(
+                            constraint_violation=[float(v) for v in info.violation.max(dim=1).values],
+                            barrier=[float(h) for h in info.barrier.min(dim=1).values],
+                        )
+                    latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                    trace.append(record)
 
-                if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for name in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[name] = locals()[name]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    if self.do_classifier_free_guidance:
-                        model_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-                    else:
-                        model_embeds = prompt_embeds
-                progress_bar.update()
+                    if callback_on_step_end is not None:
+                        callback_kwargs = {}
+                        for name in callback_on_step_end_tensor_inputs:
+                            callback_kwargs[name] = locals()[name]
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                        latents = callback_outputs.pop("latents", latents)
+                        prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                        if self.do_classifier_free_guidance:
+                            model_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+                        else:
+                            model_embeds = prompt_embeds
+                    progress_bar.update()
+        finally:
+            if controller is not None:
+                controller.remove()  # the model's own full-precision weights are back, bit for bit
+
+        satisfied = None
+        if transport is not None:
+            projection = transport.finalize(latents, decoder)
+            latents = projection.x0.to(latents.dtype)
+            epsilons = torch.tensor([c.epsilon for c in transport.constraints], dtype=projection.violation.dtype)
+            satisfied = [bool(ok) for ok in (projection.violation.cpu() <= epsilons * (1 + 1e-6)).all(dim=1)]
+            if not all(satisfied):
+                logger.warning(
+                    f"Could not bring videos {[i for i, ok in enumerate(satisfied) if not ok]} within the constraints' epsilon; "
+                    "see `constraints_satisfied` and the RMS violations in `trace`."
+                )
 
         if output_type == "latent":
             video = latents
@@ -403,4 +487,4 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video,)
-        return VideoPipelineOutput(frames=video, trace=trace)
+        return VideoPipelineOutput(frames=video, trace=trace, constraints_satisfied=satisfied)

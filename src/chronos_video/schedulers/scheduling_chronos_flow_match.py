@@ -1,7 +1,7 @@
 """ChronosFlowMatchScheduler: diffusers' flow-matching Euler scheduler with a Heun option.
 
-Later features of the constraint-transport sampler (precision gauges, constraint correction)
-store their settings in this scheduler's config, so a saved pipeline reproduces its sampling.
+It also stores the constraint-transport sampler's settings (precision schedules, constraint
+correction) in its config, so a saved pipeline reproduces its sampling exactly.
 """
 
 from __future__ import annotations
@@ -46,11 +46,22 @@ class ChronosFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         time_shift_type: Literal["exponential", "linear"] = "exponential",
         stochastic_sampling: bool = False,
         solver: Literal["euler", "heun"] = "euler",
+        precision_schedule: dict | str | None = None,
+        calibrated_precision_schedule: dict | None = None,
+        precision_backend: Literal["emulate", "native"] = "emulate",
+        constraint_settings: dict | None = None,
     ):
         if solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
         if stochastic_sampling and solver == "heun":
             raise ValueError("`stochastic_sampling=True` is only defined for `solver='euler'`.")
+        if precision_backend not in ("emulate", "native"):
+            raise ValueError(f"`precision_backend` must be 'emulate' or 'native', got {precision_backend!r}.")
+        for name, value in (("precision_schedule", precision_schedule), ("calibrated_precision_schedule", calibrated_precision_schedule)):
+            if value is not None and not isinstance(value, (dict, str)):
+                raise ValueError(f"`{name}` must be a dict (PrecisionSchedule.to_dict()), a preset name or None, got {type(value).__name__}.")
+        if constraint_settings is not None and not isinstance(constraint_settings, dict):
+            raise ValueError(f"`constraint_settings` must be a dict (ConstraintTransport.to_config()) or None, got {type(constraint_settings).__name__}.")
         super().__init__(
             num_train_timesteps=num_train_timesteps,
             shift=shift,
@@ -135,6 +146,12 @@ class ChronosFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
 
     def current_sigmas(self) -> tuple[float, float]:
-        """(sigma, sigma_next) of the step about to be taken, for per-step hooks such as guidance."""
+        """(sigma at which the model is evaluated next, the next smaller sigma), for per-step hooks.
+
+        For Heun's corrector evaluation the sigma list repeats, so the next *smaller* sigma is
+        returned: guidance always sees a step that moves towards the data.
+        """
         index = self.step_index or 0
-        return float(self.sigmas[index]), float(self.sigmas[index + 1])
+        sigma = float(self.sigmas[index])
+        later = [float(s) for s in self.sigmas[index + 1 :] if float(s) < sigma]
+        return sigma, (later[0] if later else 0.0)
