@@ -55,10 +55,13 @@ class ChronosAttention(nn.Module):
         query = self.to_q(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         key = self.to_k(context).view(batch, context.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
         value = self.to_v(context).view(batch, context.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
-        query, key = self.norm_q(query), self.norm_k(key)
+        # Normalise and rotate in float32: under bf16 autocast, mixed-dtype RMSNorm falls off the fused
+        # kernel, and rotations are more accurate in full precision anyway.
+        query, key = self.norm_q(query.float()), self.norm_k(key.float())
         if rotary_angles is not None:
             query = apply_rotary(query, rotary_angles)
             key = apply_rotary(key, rotary_angles)
+        query, key = query.to(value.dtype), key.to(value.dtype)
         if attention_mask is not None and attention_mask.ndim == 2:  # (B, S) key padding mask
             attention_mask = attention_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(

@@ -1,0 +1,55 @@
+"""`chronos-video` command line: generate, dataset, evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import pytest
+from datasets import load_from_disk
+
+from chronos_video.cli import main
+from conftest import make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("pipe")
+    make_tiny_pipeline(tiny_tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_generate_writes_a_playable_file(saved_pipeline, tmp_path, suffix, capsys):
+    output = tmp_path / f"clip{suffix}"
+    code = main(["generate", "--pipeline", str(saved_pipeline), "--prompt", "a small red circle moving left to right slowly",
+                 "--steps", "2", "--output", str(output), "--upscale", "2", "--score"])
+    assert code == 0 and output.is_file()
+    frames = iio.imread(output, index=None)
+    assert frames.shape[0] == 4 and frames.shape[1:3] == (32, 32)
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "| color |" in printed
+
+
+def test_generate_rejects_bad_output_suffix(saved_pipeline, tmp_path, capsys):
+    code = main(["generate", "--pipeline", str(saved_pipeline), "--prompt", "x", "--output", str(tmp_path / "x.avi")])
+    assert code == 2 and "--output" in capsys.readouterr().err
+
+
+def test_generate_reports_bad_pipeline_arguments(saved_pipeline, tmp_path, capsys):
+    code = main(["generate", "--pipeline", str(saved_pipeline), "--prompt", "x", "--height", "18", "--output", str(tmp_path / "x.gif")])
+    assert code == 2 and "`height`" in capsys.readouterr().err
+
+
+def test_dataset_command(tmp_path):
+    assert main(["dataset", "--output", str(tmp_path / "ds"), "--num-clips", "6", "--num-frames", "8", "--height", "16", "--width", "16"]) == 0
+    dataset = load_from_disk(str(tmp_path / "ds"))
+    assert len(dataset) == 6 and {"frames", "caption", "color", "direction"} <= set(dataset.column_names)
+
+
+def test_evaluate_prints_the_oracle_table(saved_pipeline, tmp_path, capsys):
+    scores_path = tmp_path / "scores.json"
+    assert main(["evaluate", "--pipeline", str(saved_pipeline), "--num-prompts", "3", "--steps", "1", "--json", str(scores_path)]) == 0
+    assert "| color |" in capsys.readouterr().out
+    scores = json.loads(scores_path.read_text())
+    assert scores["n"] == 3 and 0.0 <= scores["all"] <= 1.0

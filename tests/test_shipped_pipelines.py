@@ -1,0 +1,51 @@
+"""The pipeline folders shipped in pipelines/ load offline, generate, and their model cards tell the truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chronos_video.cli import load_pipeline
+from chronos_video.evaluation.pipeline_eval import evaluate_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for p in (ROOT / "pipelines").iterdir() if (p / "model_index.json").is_file())
+
+
+def test_something_is_shipped():
+    assert any(p.name == "nano-sora-shapes" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_pipeline_generates_offline(path):
+    pipe = load_pipeline(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe("a large blue square moving left to right quickly", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).frames
+    config = pipe.transformer.config
+    assert frames.shape == (1, config.sample_frames, config.sample_height, config.sample_width, 3)
+    assert np.isfinite(frames).all()
+    weights = list(path.rglob("*.safetensors"))
+    assert weights and not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < 30 * 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_model_card_scores_are_reproducible(path):
+    card = (path / "README.md").read_text()
+    assert "pipeline_tag: text-to-video" in card
+    recorded = json.loads((path / "oracle_scores.json").read_text())
+    settings = json.loads((path / "training_config.json").read_text())
+    pipe = load_pipeline(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    scores, table = evaluate_pipeline(
+        pipe, num_prompts=settings["eval_num_prompts"], num_inference_steps=settings["eval_num_inference_steps"],
+        guidance_scale=settings["eval_guidance_scale"], seed=settings["seed"],
+    )
+    for key in ("color", "shape", "size", "direction", "speed", "all"):
+        assert scores[key] == pytest.approx(recorded[key], abs=1.5 / recorded["n"]), key
+        assert f"{100 * recorded[key]:.1f}%" in card, key
