@@ -6,14 +6,16 @@ components by looking them up on the top-level package named in `model_index.jso
 
 __version__ = "0.1.0"
 
-from .models import ChronosAttention, NanoSoraTransformer3DModel
-from .pipelines import FlowVideoPipeline, NanoSoraPipeline, VideoPipelineOutput
+from .models import ChronosAttention, ChronosMambaModel, NanoSoraTransformer3DModel
+from .pipelines import ChronosPipeline, FlowVideoPipeline, NanoSoraPipeline, VideoPipelineOutput
 from .schedulers import ChronosFlowMatchScheduler
 from .text import build_text_encoder, train_caption_tokenizer
 
 __all__ = [
     "ChronosAttention",
     "ChronosFlowMatchScheduler",
+    "ChronosMambaModel",
+    "ChronosPipeline",
     "FlowVideoPipeline",
     "NanoSoraPipeline",
     "NanoSoraTransformer3DModel",

@@ -1,0 +1,328 @@
+"""ChronosMambaModel (omni-directional complex Mamba + wavelet gate), its Haar helpers and ChronosPipeline."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+
+from chronos_video import ChronosFlowMatchScheduler, ChronosMambaModel, ChronosPipeline, build_text_encoder
+from chronos_video.models.mamba_chronos import invert_permutation, scan_orders
+from chronos_video.ops.wavelet import GAUSSIAN_DETAIL_ENERGY, haar_dwt2d, haar_idwt2d, patch_detail_energy
+from chronos_video.registry import get_architecture
+
+PROMPT = "a small red circle moving left to right slowly"
+
+
+def tiny_model(**kwargs) -> ChronosMambaModel:
+    torch.manual_seed(0)
+    config = dict(sample_frames=4, sample_height=16, sample_width=16, hidden_size=32, num_layers=2, state_size=4,
+                  num_attention_heads=4, num_kv_heads=2, text_embed_dim=24)
+    config.update(kwargs)
+    model = ChronosMambaModel(**config)
+    with torch.no_grad():  # leave the AdaLN-Zero identity start so outputs depend on the input
+        for param in model.parameters():
+            if param.abs().sum() == 0:
+                param.normal_(0, 0.05)
+    return model
+
+
+def inputs(batch: int = 2):
+    generator = torch.Generator().manual_seed(1)
+    video = torch.randn(batch, 3, 4, 16, 16, generator=generator)
+    text = torch.randn(batch, 5, 24, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])[:batch]
+    return video, torch.tensor([900.0, 50.0])[:batch], text, mask
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("text_conditioning", ["cross_attention", "scan_prefix"])
+def test_forward_shape_and_dependence_on_every_input(text_conditioning):
+    model = tiny_model(text_conditioning=text_conditioning)
+    video, timestep, text, mask = inputs()
+    out = model(video, timestep, text, mask).sample
+    assert out.shape == video.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, model(video, timestep * 0.5, text, mask).sample)
+    assert not torch.allclose(out, model(video, timestep, text + 1, mask).sample)
+    text_changed_padding = text.clone()
+    text_changed_padding[0, 3:] = 100.0
+    text_changed_padding[1, 1:] = -50.0
+    torch.testing.assert_close(model(video, timestep, text_changed_padding, mask).sample, out, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_orders_are_distinct_permutations_with_inverses():
+    grid = (3, 4, 5)
+    orders = scan_orders(grid, 4)
+    length = math.prod(grid)
+    assert orders.shape == (4, length)
+    for order in orders:
+        assert torch.equal(order.sort().values, torch.arange(length))
+    assert len({tuple(order.tolist()) for order in orders}) == 4
+    tokens = torch.randn(2, length, 7)
+    for order, inverse in zip(orders, invert_permutation(orders)):
+        assert torch.equal(tokens[:, order][:, inverse], tokens)
+    raster = torch.arange(length).view(grid)
+    assert torch.equal(orders[1], raster.flatten().flip(0))
+    assert orders[2][:4].tolist() == [raster[0, 0, 0], raster[0, 1, 0], raster[0, 2, 0], raster[0, 3, 0]]  # down a column
+    assert orders[3][:3].tolist() == [raster[0, 0, 0], raster[1, 0, 0], raster[2, 0, 0]]  # through time
+    assert torch.equal(scan_orders(grid, 2), orders[:2])
+    with pytest.raises(ValueError, match="num_scan_orders"):
+        scan_orders(grid, 3)
+
+
+@pytest.mark.parametrize("complex_state, num_scan_orders", [(True, 4), (False, 2), (False, 1)])
+def test_complex_and_real_state_train_with_finite_gradients(complex_state, num_scan_orders):
+    model = tiny_model(complex_state=complex_state, num_scan_orders=num_scan_orders, state_size=6)
+    mixer = model.blocks[0].mixer
+    A = mixer.state_matrix()
+    assert A.is_complex() == complex_state and A.shape == (64, 6)
+    assert (A.real < 0).all()
+    video, timestep, text, mask = inputs()
+    model(video, timestep, text, mask).sample.square().mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert mixer.log_lambda.grad.abs().sum() > 0
+    if complex_state:
+        assert mixer.omega.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = tiny_model()
+    video, timestep, text, mask = inputs()
+    model(video, timestep, text, mask).sample.square().mean().backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    model(video, timestep, text, mask).sample.square().mean().backward()
+    for expected, param in zip(reference, model.parameters()):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_rope_flag_changes_output_and_rope_is_relative():
+    video, timestep, text, mask = inputs()
+    # Large steps delta, so the scan's C h term (where RoPE acts) is not dwarfed by the D u skip at init.
+    with_rope = tiny_model(use_rope=True, time_step_min=0.5, time_step_max=1.0)
+    without = tiny_model(use_rope=False, time_step_min=0.5, time_step_max=1.0)
+    assert not torch.allclose(with_rope(video, timestep, text, mask).sample, without(video, timestep, text, mask).sample, atol=1e-4)
+
+    # Shifting every position by the same 3D offset rotates B and C by opposite phases that cancel in C_t^T ... B_s.
+    for complex_state in (True, False):
+        model = tiny_model(complex_state=complex_state, state_size=6, use_wavelet_gate=False, time_step_min=0.5, time_step_max=1.0)
+        mixer = model.blocks[0].mixer
+        grid = (2, 4, 4)
+        route = model._build_route(video, timestep, grid, torch.ones(2, 5, dtype=torch.bool))
+        tokens = torch.randn(2, 32, 32)
+        base = mixer(tokens, route)
+        offset = torch.randn(route.rotation.shape[-1] if complex_state else route.angles.shape[-1])
+        if complex_state:
+            route.rotation = route.rotation * torch.polar(torch.ones_like(offset), offset)
+        else:
+            route.angles = route.angles + offset
+        torch.testing.assert_close(mixer(tokens, route), base, rtol=1e-4, atol=1e-5)
+        if complex_state:  # a position-dependent change is not invisible
+            route.rotation = route.rotation * torch.polar(torch.ones(32, 1), torch.linspace(0, 3, 32)[:, None]).repeat(8, 1, 1)
+            assert not torch.allclose(mixer(tokens, route), base, atol=1e-4)
+
+
+def gated_inputs():
+    """Videos whose left half (batch 0) / left quarter (batch 1) is black: those tubelets carry no detail."""
+    video, _, text, mask = inputs()
+    video = video.clamp(-1, 1)
+    video[0, :, :, :, :8] = -1.0
+    video[1, :, :, :, :4] = -1.0
+    return video, torch.tensor([0.0, 0.0]), text, mask
+
+
+def record_mixer_lengths(model):
+    lengths = []
+    hooks = [block.mixer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1])) for block in model.blocks]
+    return lengths, hooks
+
+
+@pytest.mark.parametrize("text_conditioning", ["cross_attention", "scan_prefix"])
+def test_wavelet_gate_skips_tokens_by_gather_scatter(text_conditioning):
+    video, timestep, text, mask = gated_inputs()
+    energy = patch_detail_energy(video, (2, 4, 4)).flatten(1)
+    assert (energy[0].view(2, 4, 4)[..., :2] == 0).all()  # black tubelets have zero detail energy
+    model = tiny_model(conv_kernel_size=0, gate_threshold=0.05, text_conditioning=text_conditioning).eval()
+    lengths, hooks = record_mixer_lengths(model)
+    with torch.no_grad():
+        gathered = model(video, timestep, text, mask).sample
+        stats = dict(model.last_gate_stats)
+        model.gate_gather = False  # same hard mask, full-length sequence
+        masked = model(video, timestep, text, mask).sample
+    for hook in hooks:
+        hook.remove()
+    # batch 0 drops half of its 32 tubelets, batch 1 a quarter; the mixer sees the longest kept row (24).
+    assert stats["mode"] == "gather" and stats["skipped_fraction"] == pytest.approx((16 + 8) / 64)
+    assert stats["mixer_video_tokens"] == 24
+    prefix = 5 if text_conditioning == "scan_prefix" else 0
+    assert lengths == [prefix + 24, prefix + 24, prefix + 32, prefix + 32]
+    # A token with delta = 0 is transparent to the scan, so dropping it is exact.
+    torch.testing.assert_close(gathered, masked, rtol=1e-4, atol=1e-5)
+
+
+def test_wavelet_gate_training_mask_matches_inference_and_keep_all_is_ungated():
+    video, timestep, text, mask = gated_inputs()
+    # With a sharp soft mask, the differentiable training path computes what inference computes.
+    model = tiny_model(gate_temperature=1e-4)
+    video.requires_grad_(True)
+    soft = model.train()(video, timestep, text, mask).sample
+    assert model.last_gate_stats["mode"] == "soft" and model.last_gate_stats["skipped_fraction"] == pytest.approx(24 / 64)
+    soft.square().mean().backward()
+    assert torch.isfinite(video.grad).all()
+    model.eval().gate_gather = False
+    with torch.no_grad():
+        hard = model(video, timestep, text, mask).sample
+    torch.testing.assert_close(soft.detach(), hard, rtol=1e-4, atol=1e-5)
+
+    # A threshold below every energy keeps all tokens: identical to the model without the gate.
+    video = video.detach()
+    keep_all = tiny_model(gate_threshold=-1.0).eval()
+    ungated = tiny_model(use_wavelet_gate=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(keep_all(video, timestep, text, mask).sample, ungated(video, timestep, text, mask).sample)
+    assert keep_all.last_gate_stats["skipped_fraction"] == 0.0 and ungated.last_gate_stats["mode"] == "off"
+
+
+def test_wavelet_gate_all_skipped_and_noise_floor():
+    model = tiny_model().eval()
+    _, _, text, mask = inputs()
+    black = -torch.ones(2, 3, 4, 16, 16)
+    lengths, hooks = record_mixer_lengths(model)
+    with torch.no_grad():
+        out = model(black, torch.tensor([0.0, 0.0]), text, mask).sample
+    assert torch.isfinite(out).all() and lengths == [] and model.last_gate_stats["skipped_fraction"] == 1.0
+    # Pure noise at sigma = 1: the noise floor is subtracted, so most noise-only tubelets do not count as detail.
+    noise = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    assert model.wavelet_energy(noise, torch.tensor([1000.0, 1000.0])).abs().mean() < 0.1
+    assert model.wavelet_energy(noise, torch.tensor([0.0, 0.0])).mean() > 0.7
+    for hook in hooks:
+        hook.remove()
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = tiny_model(text_conditioning="scan_prefix", num_scan_orders=2, complex_state=False, state_size=6).eval()
+    video, timestep, text, mask = inputs()
+    model.save_pretrained(tmp_path)
+    loaded = ChronosMambaModel.from_pretrained(tmp_path)
+    assert not loaded.training
+    def public(config):  # JSON turns tuples into lists; keys starting with "_" are bookkeeping
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
+
+    assert public(loaded.config) == public(model.config) and loaded.config.text_conditioning == "scan_prefix"
+    with torch.no_grad():
+        assert torch.equal(model(video, timestep, text, mask).sample, loaded(video, timestep, text, mask).sample)
+
+
+def test_lora_scale_through_attention_kwargs():
+    model = tiny_model()
+    video, timestep, text, mask = inputs()
+    base = model(video, timestep, text, mask).sample
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v", "in_proj", "out_proj"]))
+    with torch.no_grad():  # LoRA's B matrices start at zero; give the adapter an effect
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    with_lora = model(video, timestep, text, mask).sample
+    scaled_off = model(video, timestep, text, mask, attention_kwargs={"scale": 0.0}).sample
+    assert not torch.allclose(with_lora, base, atol=1e-4)
+    torch.testing.assert_close(scaled_off, base, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"num_scan_orders": 3}, "num_scan_orders"), ({"text_conditioning": "prefix"}, "text_conditioning"),
+     ({"state_size": 2}, "use_rope"), ({"complex_state": False, "state_size": 5}, "use_rope"),
+     ({"gate_temperature": 0.0}, "gate_temperature"), ({"hidden_size": 30, "num_attention_heads": 4}, "divisible by `num_heads`"),
+     ({"patch_size": (0, 4, 4)}, "patch_size"), ({"conv_kernel_size": -1}, "conv_kernel_size")],
+)
+def test_bad_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**kwargs)
+
+
+def test_bad_input_errors():
+    model = tiny_model()
+    video, timestep, text, mask = inputs()
+    with pytest.raises(ValueError, match="5D"):
+        model(video[0], timestep, text, mask)
+    with pytest.raises(ValueError, match="height=15"):
+        model(video[..., :15, :], timestep, text, mask)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        model(video, timestep, text[0], mask)
+    with pytest.raises(ValueError, match="encoder_attention_mask"):
+        model(video, timestep, text, mask[:, :3])
+
+
+# ---------------------------------------------------------------------------------------------- wavelet
+
+
+def test_haar_transform_is_orthonormal_and_invertible():
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64)
+    bands = haar_dwt2d(x)
+    torch.testing.assert_close(haar_idwt2d(*bands), x)
+    torch.testing.assert_close(sum(b.square().sum() for b in bands), x.square().sum())  # energy preserved
+    constant = torch.full((1, 4, 4), 0.3)
+    assert all(b.abs().max() == 0 for b in haar_dwt2d(constant)[1:])
+    with pytest.raises(ValueError, match="even"):
+        haar_dwt2d(torch.zeros(3, 5))
+
+
+def test_patch_detail_energy_is_mean_coefficient_magnitude():
+    video = torch.randn(1, 2, 2, 8, 8, dtype=torch.float64)
+    energy = patch_detail_energy(video, (2, 4, 4))
+    assert energy.shape == (1, 1, 2, 2)
+    _, rows, cols, diag = haar_dwt2d(video[:, :, :, :4, 4:])  # tubelet (0, 0, 1)
+    expected = torch.stack([rows.abs(), cols.abs(), diag.abs()]).mean()
+    torch.testing.assert_close(energy[0, 0, 0, 1].double(), expected, rtol=1e-5, atol=1e-6)
+    noise = torch.randn(1, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert patch_detail_energy(noise, (8, 64, 64)).item() == pytest.approx(GAUSSIAN_DETAIL_ENERGY, rel=0.02)
+    odd = patch_detail_energy(torch.randn(1, 1, 1, 5, 5), (1, 5, 5))  # odd sizes are padded, not rejected
+    assert odd.shape == (1, 1, 1, 1) and odd.item() > 0
+    with pytest.raises(ValueError, match="divisible"):
+        patch_detail_energy(video, (2, 3, 4))
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture
+def chronos_pipeline(tiny_tokenizer) -> ChronosPipeline:
+    torch.manual_seed(0)
+    text_encoder = build_text_encoder(len(tiny_tokenizer), d_model=32, num_layers=1, num_heads=2)
+    transformer = tiny_model(text_embed_dim=32)
+    pipe = ChronosPipeline(tiny_tokenizer, text_encoder, transformer.eval(), ChronosFlowMatchScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, **kwargs):
+    kwargs.setdefault("num_inference_steps", 2)
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+    return pipe(**kwargs)
+
+
+def test_pipeline_generates_and_round_trips(chronos_pipeline, tmp_path):
+    assert get_architecture("chronos-v").pipeline_class is ChronosPipeline
+    frames = run(chronos_pipeline, prompt=PROMPT).frames
+    assert frames.shape == (1, 4, 16, 16, 3) and np.isfinite(frames).all() and 0 <= frames.min() <= frames.max() <= 1
+    assert chronos_pipeline.transformer.last_gate_stats["mode"] == "gather"
+    assert not np.allclose(frames, run(chronos_pipeline, prompt="a large blue square moving top to bottom quickly").frames)
+    chronos_pipeline.save_pretrained(tmp_path)
+    loaded = ChronosPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.transformer, ChronosMambaModel)
+    np.testing.assert_array_equal(run(loaded, prompt=PROMPT).frames, frames)
+
+
+@pytest.mark.parametrize("overrides, message", [({"height": 18}, "`height`"), ({"num_frames": 3}, "temporal patch size"),
+                                                ({"prompt_embeds": torch.zeros(1, 3, 16), "prompt": None}, "text_embed_dim")])
+def test_pipeline_bad_inputs_raise_value_error(chronos_pipeline, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        chronos_pipeline(**{"prompt": PROMPT, "num_inference_steps": 1, **overrides})
