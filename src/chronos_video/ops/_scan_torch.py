@@ -145,7 +145,8 @@ class _Workspace:
     """Per-call state buffers, reused by every block: allocated once, so blocks pay no fresh page faults."""
 
     def __init__(self, rows: int, batch: int, channels: int, n_state: int, dtype: torch.dtype, device, count: int):
-        self.buffers = [torch.empty(rows * batch * channels * n_state, dtype=dtype, device=device) for _ in range(count)]
+        numel = rows * batch * channels * n_state
+        self.buffers = [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
         self.n_state = n_state
 
     def get(self, index: int, rows: int, batch: int, channels: int) -> torch.Tensor:
@@ -200,7 +201,7 @@ def _outer(v: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _real_scratch(buffer: torch.Tensor, shape: torch.Size, offset: int = 0) -> torch.Tensor:
     """A real tensor of `shape` inside a free workspace buffer (no fresh allocation, no page faults)."""
-    flat = buffer.reshape(-1)
+    flat = buffer.view(-1)  # must alias the buffer: a silent copy would defeat the reuse
     if flat.is_complex():
         flat = torch.view_as_real(flat).view(-1)
     return flat[offset : offset + math.prod(shape)].view(shape)
@@ -217,7 +218,7 @@ class _Arranged:
 
     def __init__(self, layout: _TimeLayout, u: torch.Tensor, delta: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
         self.layout = layout
-        # (padded, batch, D) views of (batch, D, padded) memory; `block_steps` copies a block out densely.
+        # (padded, batch, D) views of (batch, D, padded) memory; `_block_steps` copies a block out densely.
         self.dt = layout.arrange_last(delta).permute(2, 0, 1)
         self.du = layout.arrange_last(delta * u).permute(2, 0, 1)
         # Variable B/C: (batch, G, N, L) -> (padded, batch, G, N) contiguous, so N is the dense dimension.
@@ -276,7 +277,8 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
         with torch.no_grad():
             for bs, ds, g in _blocks(batch, dim, groups, length, n_state):
                 nb, nd = bs.stop - bs.start, ds.stop - ds.start
-                a = _decay(_block_steps(arr.dt, bs, ds), [p[ds] for p in A_parts], ws.get(0, P, nb, nd), ws.get(2, P, nb, nd))
+                dt = _block_steps(arr.dt, bs, ds)
+                a = _decay(dt, [p[ds] for p in A_parts], ws.get(0, P, nb, nd), ws.get(2, P, nb, nd))
                 x = _outer(_block_steps(arr.du, bs, ds), _block_matrix(arr.B, bs, ds, g), ws.get(1, P, nb, nd))
                 h = ws.get(2, P, nb, nd)
                 last_state[bs, ds] = _scan_forward(layout.split(a), layout.split(x), layout.split(h))

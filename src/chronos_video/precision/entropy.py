@@ -18,6 +18,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..ops.wavelet import haar_dwt2d
+
 
 def _flatten_batch(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
@@ -130,22 +132,18 @@ def kde_entropy(
 
 
 def haar_highpass_2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One level of the orthonormal 2D Haar transform over the last two dims: (LH, HL, HH).
+    """The three detail bands of one orthonormal 2D Haar level over the last two dims.
 
-    Odd heights/widths drop their last row/column (the transform pairs neighbours).
+    Odd heights/widths drop their last row/column (the transform pairs neighbours); the
+    transform itself is the shared one in :mod:`chronos_video.ops.wavelet`.
     """
     if x.dim() < 2:
         raise ValueError(f"haar_highpass_2d needs at least 2 dims (H, W), got shape {tuple(x.shape)}")
     height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
     if height == 0 or width == 0:
         raise ValueError(f"spatial size must be at least 2x2, got {tuple(x.shape[-2:])}")
-    x = x[..., :height, :width]
-    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
-    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
-    horizontal_detail = (a - b + c - d) / 2  # changes along W
-    vertical_detail = (a + b - c - d) / 2  # changes along H
-    diagonal_detail = (a - b - c + d) / 2
-    return horizontal_detail, vertical_detail, diagonal_detail
+    _, across_rows, across_cols, diagonal = haar_dwt2d(x[..., :height, :width])
+    return across_cols, across_rows, diagonal  # (changes along W, along H, diagonal)
 
 
 def wavelet_energy(x: torch.Tensor) -> torch.Tensor:
