@@ -135,3 +135,17 @@ def test_bad_input_errors():
         model(video[..., :15, :], timestep, text, mask)
     with pytest.raises(ValueError, match="encoder_attention_mask"):
         model(video, timestep, text, mask[:, :3])
+
+
+def test_input_skip_starts_as_the_plain_model_and_learns_a_per_channel_scale():
+    plain = tiny_model()
+    skip = NanoSoraTransformer3DModel(**{**plain.config, "input_skip": True})
+    missing, unexpected = skip.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["skip_scale.bias", "skip_scale.weight"] and not unexpected
+    video, timestep, text, mask = inputs()
+    torch.testing.assert_close(skip(video, timestep, text, mask).sample, plain(video, timestep, text, mask).sample)
+    with torch.no_grad():
+        skip.skip_scale.bias.fill_(1.0)  # v = F(z) + 1 * z
+    torch.testing.assert_close(skip(video, timestep, text, mask).sample, plain(video, timestep, text, mask).sample + video)
+    with pytest.raises(ValueError, match="input_skip"):
+        tiny_model(input_skip=True, out_channels=4)
