@@ -326,3 +326,19 @@ def test_pipeline_generates_and_round_trips(chronos_pipeline, tmp_path):
 def test_pipeline_bad_inputs_raise_value_error(chronos_pipeline, overrides, message):
     with pytest.raises(ValueError, match=message):
         chronos_pipeline(**{"prompt": PROMPT, "num_inference_steps": 1, **overrides})
+
+
+def test_input_skip_is_zero_initialised():
+    from chronos_video import ChronosMambaModel
+
+    torch.manual_seed(0)
+    kwargs = dict(sample_frames=4, sample_height=16, sample_width=16, hidden_size=32, num_layers=1, state_size=8,
+                  num_attention_heads=2, text_embed_dim=16, use_wavelet_gate=False)
+    plain = ChronosMambaModel(**kwargs)
+    skip = ChronosMambaModel(**kwargs, input_skip=True)
+    skip.load_state_dict(plain.state_dict(), strict=False)
+    video, text = torch.randn(1, 3, 4, 16, 16), torch.randn(1, 3, 16)
+    torch.testing.assert_close(skip(video, 500.0, text).sample, plain(video, 500.0, text).sample)
+    with torch.no_grad():
+        skip.skip_scale.bias.fill_(2.0)
+    torch.testing.assert_close(skip(video, 500.0, text).sample, plain(video, 500.0, text).sample + 2 * video)

@@ -170,6 +170,23 @@ class AdaLNFinalLayer(nn.Module):
         return self.proj_out(modulate(self.norm(x), shift, scale))
 
 
+class InputSkip(nn.Linear):
+    """Adds a timestep/text-dependent per-channel multiple of the input to the predicted velocity.
+
+    In pixel space the velocity contains the input noise itself (v = eps - x0, and z = eps at
+    sigma = 1); the skip carries it directly instead of through the tubelet bottleneck. The
+    linear map is zero-initialised, so a model starts exactly as it would without the skip.
+    """
+
+    def __init__(self, hidden_size: int, channels: int):
+        super().__init__(hidden_size, channels)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, output: torch.Tensor, hidden_states: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        return output + super().forward(conditioning)[:, :, None, None, None] * hidden_states
+
+
 def check_video_input(hidden_states: torch.Tensor, in_channels: int, patch_size: tuple[int, int, int]) -> None:
     """Fails early, naming the argument, instead of deep inside a Conv3d."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 5:

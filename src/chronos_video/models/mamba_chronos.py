@@ -47,6 +47,7 @@ from .attention import ChronosAttention
 from .embeddings import (
     AdaLNFinalLayer,
     AdaLNZero,
+    InputSkip,
     TextConditioning,
     TimestepConditioning,
     TubeletEmbed,
@@ -315,6 +316,8 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             per-tubelet mean |Haar detail| of the input video (pixel values in [-1, 1] or latents).
         gate_noise_floor: subtract the detail energy unit Gaussian noise contributes at this timestep
             (sigma * sqrt(2/pi), sigma = timestep / 1000), so the gate measures signal, not noise.
+        input_skip: add a learned, conditioning-dependent per-channel multiple of the input to the
+            velocity (`InputSkip`, shared with Nano-Sora); zero-initialised.
 
     Attributes:
         last_gate_stats: after each forward, {"mode": "off" | "soft" | "gather" | "mask",
@@ -359,6 +362,7 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         gate_threshold: float = 0.05,
         gate_temperature: float = 0.01,
         gate_noise_floor: bool = True,
+        input_skip: bool = False,
     ):
         super().__init__()
         self._check_config(hidden_size, num_layers, state_size, expand, conv_kernel_size, num_scan_orders, complex_state,
@@ -378,6 +382,9 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             ]
         )
         self.final_layer = AdaLNFinalLayer(hidden_size, self.patch_size, self.out_channels)
+        if input_skip and self.out_channels != in_channels:
+            raise ValueError("`input_skip` needs `out_channels` == `in_channels`.")
+        self.skip_scale = InputSkip(hidden_size, in_channels) if input_skip else None
         self.gradient_checkpointing = False
         # Runtime switch (not config): in eval mode, gather the kept tokens (True) or run the full
         # sequence with the hard mask (False). Both compute the same thing; only gathering saves work.
@@ -534,6 +541,8 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 tokens = block(tokens, conditioning, text_tokens, text_mask, route)
 
         output = unpatchify(self.final_layer(tokens, conditioning), grid, self.patch_size, self.out_channels)
+        if self.skip_scale is not None:
+            output = self.skip_scale(output, hidden_states, conditioning)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

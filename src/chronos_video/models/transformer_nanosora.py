@@ -17,6 +17,7 @@ from .attention import ChronosAttention
 from .embeddings import (
     AdaLNFinalLayer,
     AdaLNZero,
+    InputSkip,
     TextConditioning,
     TimestepConditioning,
     TubeletEmbed,
@@ -61,10 +62,8 @@ class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         mlp_ratio: MLP expansion.
         text_embed_dim: hidden size of the text encoder whose states are passed in.
         rope_theta: base of the 3D rotary frequencies.
-        input_skip: add a learned, timestep-dependent per-channel multiple of the input to the
-            output. In pixel space the velocity contains the input noise itself (v = eps - x0 and
-            z = eps at sigma = 1); the skip carries it directly instead of through the narrow
-            tubelet bottleneck. Zero-initialised, so it starts as the plain DiT.
+        input_skip: add a learned, conditioning-dependent per-channel multiple of the input to the
+            velocity (`InputSkip`); zero-initialised, so it starts as the plain DiT.
     """
 
     _supports_gradient_checkpointing = True
@@ -100,13 +99,9 @@ class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             [NanoSoraBlock(hidden_size, num_attention_heads, num_kv_heads, mlp_ratio, qk_norm) for _ in range(num_layers)]
         )
         self.final_layer = AdaLNFinalLayer(hidden_size, self.patch_size, self.out_channels)
-        self.skip_scale = None
-        if input_skip:
-            if self.out_channels != in_channels:
-                raise ValueError("`input_skip` needs `out_channels` == `in_channels`.")
-            self.skip_scale = nn.Linear(hidden_size, in_channels)
-            nn.init.zeros_(self.skip_scale.weight)
-            nn.init.zeros_(self.skip_scale.bias)
+        if input_skip and self.out_channels != in_channels:
+            raise ValueError("`input_skip` needs `out_channels` == `in_channels`.")
+        self.skip_scale = InputSkip(hidden_size, in_channels) if input_skip else None
         self.gradient_checkpointing = False
 
     @apply_lora_scale("attention_kwargs")
@@ -139,7 +134,7 @@ class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         output = unpatchify(self.final_layer(tokens, conditioning), grid, self.patch_size, self.out_channels)
         if self.skip_scale is not None:
-            output = output + self.skip_scale(conditioning)[:, :, None, None, None] * hidden_states
+            output = self.skip_scale(output, hidden_states, conditioning)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

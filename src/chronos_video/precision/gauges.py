@@ -382,6 +382,7 @@ DEFAULT_EXCLUDE_PATTERNS: tuple[str, ...] = (
     "final_layer",
     "lm_head",
     "halt",  # HRM halting head: a tiny layer whose decision gates all computation
+    "skip_scale",  # InputSkip: a conditioning-driven scale of the whole input
 )
 
 
