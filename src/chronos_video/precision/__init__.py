@@ -45,10 +45,28 @@ from .gauges import (
     select_layers,
 )
 from .profiler import SensitivityReport, profile_sensitivity
+from .calibration import (
+    DEFAULT_SIGMA_BUCKETS,
+    GuidedVelocityProbe,
+    calibrate_pipeline,
+    collect_calibration_inputs,
+    guided_velocity,
+    measure_layer_errors,
+    profile_pipeline,
+    ranking_agreement,
+)
 from .schedule import PRESETS, PrecisionDecision, PrecisionRule, PrecisionSchedule, resolve_precision
 
 
 __all__ = [
+    "DEFAULT_SIGMA_BUCKETS",
+    "GuidedVelocityProbe",
+    "calibrate_pipeline",
+    "collect_calibration_inputs",
+    "guided_velocity",
+    "measure_layer_errors",
+    "profile_pipeline",
+    "ranking_agreement",
     "BACKENDS",
     "BF16",
     "DEFAULT_EXCLUDE_PATTERNS",
