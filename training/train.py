@@ -239,7 +239,10 @@ def build_pipeline(architecture, tokenizer, text_encoder, transformer, scheduler
     )
 
 
-def write_model_card(output_dir: Path, config: TrainConfig, scores_table: str, train_seconds: float, hardware: str, gif_name: str | None, num_params: int):
+def write_model_card(
+    output_dir: Path, config: TrainConfig, scores_table: str, train_seconds: float, hardware: str, gif_name: str | None,
+    num_params: int, resumed_from_step: int = 0,
+):
     from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, load_or_create_model_card, populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -282,7 +285,9 @@ export_to_video(video, "out.mp4", fps=8)"""
         f"Trained for {config.max_train_steps} steps, batch {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation, "
         f"learning rate {config.learning_rate} ({config.lr_scheduler}), mixed precision `{config.mixed_precision}`, "
         f"EMA {'on (decay ' + str(config.ema_decay) + ')' if config.use_ema else 'off'}, seed {config.seed}. "
-        f"Wall-clock {train_seconds / 60:.1f} min on {hardware}. The full configuration is in `training_config.json`."
+        f"Wall-clock {train_seconds / 60:.1f} min on {hardware}"
+        + (f" for the steps after resuming from the step-{resumed_from_step} checkpoint" if resumed_from_step else "")
+        + ". The full configuration is in `training_config.json`."
     )
     text = card.text
     text = text.replace("# TODO: add an example code snippet for running this diffusion pipeline", usage)
@@ -369,7 +374,7 @@ def main(argv: list[str] | None = None) -> Path:
     ema = EMAModel(trainable, decay=config.ema_decay, use_ema_warmup=True, power=0.75) if config.use_ema else None
     module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
 
-    global_step = 0
+    global_step = resumed_from_step = 0
     resume_path = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)
     if config.resume_from_checkpoint and resume_path is None:
         logger.info(f"No checkpoint in {checkpoint_dir}; starting from scratch.")
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> Path:
         lr_scheduler.load_state_dict(states["lr_scheduler"])
         if ema:
             ema.load_state_dict(states["ema"])
-        global_step = int(metadata["step"])
+        global_step = resumed_from_step = int(metadata["step"])
         logger.info(f"Resumed from {resume_path} at step {global_step}.")
 
     if accelerator.is_main_process and config.report_to:
@@ -454,7 +459,7 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         if ema:
             ema.copy_to(trainable)
-        finalize(accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, output_dir, train_seconds)
+        finalize(accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, output_dir, train_seconds, resumed_from_step)
     accelerator.end_training()
     return output_dir
 
@@ -478,7 +483,9 @@ def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_co
             tracker.writer.add_images("validation", strips, step, dataformats="NHWC")
 
 
-def finalize(accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, output_dir: Path, train_seconds: float) -> None:
+def finalize(
+    accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, output_dir: Path, train_seconds: float, resumed_from_step: int = 0
+) -> None:
     """Saves the pipeline, evaluates it with the oracle, writes the sample GIF and the model card."""
     from diffusers.utils import export_to_gif
 
@@ -517,7 +524,7 @@ def finalize(accelerator, architecture, tokenizer, unwrapped, scheduler_config, 
         export_to_gif([Image.fromarray((frame * 255).round().astype(np.uint8)) for frame in grid], str(output_dir / gif_name), fps=8)
 
     num_params = sum(p.numel() for p in unwrapped.parameters())
-    write_model_card(output_dir, config, table, train_seconds, hardware_description(accelerator), gif_name, num_params)
+    write_model_card(output_dir, config, table, train_seconds, hardware_description(accelerator), gif_name, num_params, resumed_from_step)
     if config.push_to_hub:
         from huggingface_hub import create_repo, upload_folder
 
