@@ -53,3 +53,18 @@ def test_evaluate_prints_the_oracle_table(saved_pipeline, tmp_path, capsys):
     assert "| color |" in capsys.readouterr().out
     scores = json.loads(scores_path.read_text())
     assert scores["n"] == 3 and 0.0 <= scores["all"] <= 1.0
+
+
+def test_calibrate_stores_a_schedule_usable_as_precision_calibrated(saved_pipeline, tmp_path):
+    import shutil
+
+    from chronos_video import NanoSoraPipeline
+
+    target = tmp_path / "calibrated"
+    shutil.copytree(saved_pipeline, target)
+    assert main(["calibrate", "--pipeline", str(target), "--num-prompts", "2", "--steps", "5"]) == 0
+    pipe = NanoSoraPipeline.from_pretrained(target)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.calibrated_precision_schedule["rules"]
+    out = pipe("a small red circle moving left to right slowly", num_inference_steps=2, precision="calibrated")
+    assert all("gauge" in step for step in out.trace)

@@ -87,6 +87,24 @@ def _evaluate(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(scores, indent=2))
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .data import sample_attributes
+    from .precision import calibrate_pipeline
+
+    if args.num_prompts < 1:
+        raise ValueError(f"`--num-prompts` must be >= 1, got {args.num_prompts}.")
+    pipe = load_pipeline(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(args.seed + 7919)  # training-split prompts, disjoint from the held-out evaluation prompts
+    prompts = [sample_attributes(rng, split="train").caption(0) for _ in range(args.num_prompts)]
+    schedule = calibrate_pipeline(pipe, prompts, num_inference_steps=args.steps, budget=args.budget, guidance_scale=args.guidance_scale, seed=args.seed)
+    folder = Path(args.output or args.pipeline) / "scheduler"
+    pipe.scheduler.save_pretrained(str(folder))
+    print(f"stored the calibrated schedule ({len(schedule.rules)} sigma rules) in {folder}; use it with precision=\"calibrated\"")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chronos-video", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     evaluate.add_argument("--json", default=None, help="also write the scores to this JSON file")
     evaluate.set_defaults(func=_evaluate)
+
+    calibrate = commands.add_parser("calibrate", help="profile per-layer precision sensitivity and store a calibrated schedule")
+    calibrate.add_argument("--pipeline", required=True, help="pipeline folder (its scheduler config is updated in place)")
+    calibrate.add_argument("--output", default=None, help="write the scheduler config to this pipeline folder instead")
+    calibrate.add_argument("--num-prompts", type=int, default=8)
+    calibrate.add_argument("--steps", type=int, default=20)
+    calibrate.add_argument("--budget", type=float, default=0.5, help="fraction of quantizable MACs run at <= 8 bits")
+    calibrate.add_argument("--guidance-scale", type=float, default=4.0)
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.set_defaults(func=_calibrate)
     return parser
 
 
