@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from .embeddings import apply_rotary
 
 
+def _in_dtype_of(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weight = getattr(norm, "weight", None)
+    return norm(x if weight is None else x.to(weight.dtype))
+
+
 class ChronosAttention(nn.Module):
     """Multi-head attention through `scaled_dot_product_attention`.
 
@@ -55,9 +60,9 @@ class ChronosAttention(nn.Module):
         query = self.to_q(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         key = self.to_k(context).view(batch, context.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
         value = self.to_v(context).view(batch, context.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # Normalise and rotate in float32: under bf16 autocast, mixed-dtype RMSNorm falls off the fused
-        # kernel, and rotations are more accurate in full precision anyway.
-        query, key = self.norm_q(query.float()), self.norm_k(key.float())
+        # Normalise in the norm's own dtype: mixed-dtype RMSNorm (bf16 activations under autocast
+        # with fp32 weights, or the reverse) falls off the fused kernel.
+        query, key = _in_dtype_of(self.norm_q, query), _in_dtype_of(self.norm_k, key)
         if rotary_angles is not None:
             query = apply_rotary(query, rotary_angles)
             key = apply_rotary(key, rotary_angles)
