@@ -36,6 +36,8 @@ def _generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
     output = Path(args.output)
+    if args.upscale < 1:
+        raise ValueError(f"`--upscale` must be >= 1, got {args.upscale}.")
     if output.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"`--output` must end in .mp4 or .gif, got {args.output!r}.")
     pipe = load_pipeline(args.pipeline, args.dtype)
@@ -49,15 +51,14 @@ def _generate(args: argparse.Namespace) -> None:
         guidance_scale=args.guidance_scale,
         generator=torch.Generator().manual_seed(args.seed),
     ).frames[0]
-    if args.upscale > 1:
-        video = video.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2)
+    saved = video.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2) if args.upscale > 1 else video
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix.lower() == ".gif":
-        export_to_gif([Image.fromarray((frame * 255).round().astype(np.uint8)) for frame in video], str(output), fps=args.fps)
+        export_to_gif([Image.fromarray((frame * 255).round().astype(np.uint8)) for frame in saved], str(output), fps=args.fps)
     else:
-        export_to_video(list(video), str(output), fps=args.fps)
-    print(f"wrote {output} ({video.shape[0]} frames, {video.shape[1]}x{video.shape[2]})")
-    if args.score:
+        export_to_video(list(saved), str(output), fps=args.fps)
+    print(f"wrote {output} ({video.shape[0]} frames of {video.shape[1]}x{video.shape[2]}, saved at x{args.upscale})")
+    if args.score:  # scored at the generated resolution, not the upscaled file
         from .data import parse_caption
         from .evaluation import ShapesOracle, format_oracle_table
 
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance-scale", type=float, default=4.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--fps", type=int, default=8)
-    generate.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved file")
+    generate.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved file (>= 1)")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     generate.add_argument("--score", action="store_true", help="score the video with the shapes oracle (shapes prompts only)")
     generate.set_defaults(func=_generate)
