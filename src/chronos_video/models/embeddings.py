@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 
 def _as_triple(value: int | tuple[int, int, int] | list[int], name: str) -> tuple[int, int, int]:
@@ -213,3 +214,41 @@ def prepare_text_mask(encoder_attention_mask: torch.Tensor | None, batch: int, s
         mask = mask.clone()
         mask[empty, 0] = True
     return mask
+
+
+class VideoBackboneMixin:
+    """The forward skeleton every chronos-video velocity backbone shares.
+
+    A backbone provides `patch_embed`, `text_embed`, `time_embed`, `blocks`, `final_layer`,
+    `skip_scale` (or None), `patch_size` and `out_channels`; only what happens inside its blocks
+    differs (attention for Nano-Sora, complex scans for Chronos-V).
+    """
+
+    def embed_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask):
+        """Validates the inputs; returns (tokens, grid, timestep (B,), conditioning, text_tokens, text_mask)."""
+        check_video_input(hidden_states, self.config.in_channels, self.patch_size)
+        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.ndim != 3:
+            raise ValueError("`encoder_hidden_states` must be a tensor of shape (batch, seq_len, text_embed_dim).")
+        batch = hidden_states.shape[0]
+        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
+        tokens, grid = self.patch_embed(hidden_states)
+        text_mask = prepare_text_mask(encoder_attention_mask, batch, encoder_hidden_states.shape[1], tokens.device)
+        text_tokens, pooled_text = self.text_embed(encoder_hidden_states.to(tokens.dtype), text_mask)
+        conditioning = self.time_embed(timestep, tokens.dtype) + pooled_text
+        return tokens, grid, timestep, conditioning, text_tokens, text_mask
+
+    def run_blocks(self, tokens: torch.Tensor, *block_args) -> torch.Tensor:
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, tokens, *block_args)
+            else:
+                tokens = block(tokens, *block_args)
+        return tokens
+
+    def velocity_output(self, tokens, grid, conditioning, hidden_states, return_dict: bool):
+        output = unpatchify(self.final_layer(tokens, conditioning), grid, self.patch_size, self.out_channels)
+        if self.skip_scale is not None:
+            output = self.skip_scale(output, hidden_states, conditioning)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)

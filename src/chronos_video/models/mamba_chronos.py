@@ -51,13 +51,11 @@ from .embeddings import (
     TextConditioning,
     TimestepConditioning,
     TubeletEmbed,
+    VideoBackboneMixin,
     _as_triple,
     apply_rotary,
-    check_video_input,
     modulate,
-    prepare_text_mask,
     rope_angles_3d,
-    unpatchify,
 )
 
 TEXT_CONDITIONING_MODES = ("cross_attention", "scan_prefix")
@@ -290,7 +288,7 @@ class ChronosMambaBlock(nn.Module):
         return x
 
 
-class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin, VideoBackboneMixin):
     """Velocity predictor for rectified-flow video generation (Chronos-V), linear in video tokens.
 
     Args:
@@ -522,27 +520,9 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predicts the flow velocity (noise - x0) of `hidden_states` (B, C, F, H, W) at `timestep` (0..1000)."""
-        check_video_input(hidden_states, self.config.in_channels, self.patch_size)
-        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.ndim != 3:
-            raise ValueError("`encoder_hidden_states` must be a tensor of shape (batch, seq_len, text_embed_dim).")
-        batch = hidden_states.shape[0]
-        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
-
-        tokens, grid = self.patch_embed(hidden_states)
-        text_mask = prepare_text_mask(encoder_attention_mask, batch, encoder_hidden_states.shape[1], tokens.device)
-        text_tokens, pooled_text = self.text_embed(encoder_hidden_states.to(tokens.dtype), text_mask)
-        conditioning = self.time_embed(timestep, tokens.dtype) + pooled_text
+        tokens, grid, timestep, conditioning, text_tokens, text_mask = self.embed_inputs(
+            hidden_states, timestep, encoder_hidden_states, encoder_attention_mask
+        )
         route = self._build_route(hidden_states, timestep, grid, text_mask)
-
-        for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, conditioning, text_tokens, text_mask, route)
-            else:
-                tokens = block(tokens, conditioning, text_tokens, text_mask, route)
-
-        output = unpatchify(self.final_layer(tokens, conditioning), grid, self.patch_size, self.out_channels)
-        if self.skip_scale is not None:
-            output = self.skip_scale(output, hidden_states, conditioning)
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        tokens = self.run_blocks(tokens, conditioning, text_tokens, text_mask, route)
+        return self.velocity_output(tokens, grid, conditioning, hidden_states, return_dict)

@@ -21,12 +21,10 @@ from .embeddings import (
     TextConditioning,
     TimestepConditioning,
     TubeletEmbed,
+    VideoBackboneMixin,
     _as_triple,
-    check_video_input,
     modulate,
-    prepare_text_mask,
     rope_angles_3d,
-    unpatchify,
 )
 
 
@@ -50,7 +48,7 @@ class NanoSoraBlock(nn.Module):
         return x + gate_mlp * self.ff(modulate(self.norm3(x), shift_mlp, scale_mlp))
 
 
-class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, VideoBackboneMixin):
     """Velocity predictor for rectified-flow video generation (Nano-Sora).
 
     Args:
@@ -115,26 +113,10 @@ class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predicts the flow velocity (noise - x0) of `hidden_states` (B, C, F, H, W) at `timestep` (0..1000)."""
-        check_video_input(hidden_states, self.config.in_channels, self.patch_size)
-        batch = hidden_states.shape[0]
-        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
-
-        tokens, grid = self.patch_embed(hidden_states)
-        text_mask = prepare_text_mask(encoder_attention_mask, batch, encoder_hidden_states.shape[1], tokens.device)
-        text_tokens, pooled_text = self.text_embed(encoder_hidden_states.to(tokens.dtype), text_mask)
-        conditioning = self.time_embed(timestep, tokens.dtype) + pooled_text
+        tokens, grid, _, conditioning, text_tokens, text_mask = self.embed_inputs(
+            hidden_states, timestep, encoder_hidden_states, encoder_attention_mask
+        )
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         rotary_angles = rope_angles_3d(grid, head_dim, self.config.rope_theta, device=tokens.device)
-
-        for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, conditioning, text_tokens, text_mask, rotary_angles)
-            else:
-                tokens = block(tokens, conditioning, text_tokens, text_mask, rotary_angles)
-
-        output = unpatchify(self.final_layer(tokens, conditioning), grid, self.patch_size, self.out_channels)
-        if self.skip_scale is not None:
-            output = self.skip_scale(output, hidden_states, conditioning)
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        tokens = self.run_blocks(tokens, conditioning, text_tokens, text_mask, rotary_angles)
+        return self.velocity_output(tokens, grid, conditioning, hidden_states, return_dict)
