@@ -43,17 +43,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
-DEFAULT_PIPELINE = "pipelines/nano-sora-shapes"
-
-
-def load(path: str):
-    from chronos_video.cli import load_pipeline
-
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise SystemExit(f"no pipeline at {path!r} (model_index.json missing); train one or pass --pipeline")
-    pipe = load_pipeline(path)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_constraints import DEFAULT_PIPELINE, load  # noqa: E402
 
 
 def training_prompts(count: int, seed: int) -> list[str]:
