@@ -24,6 +24,25 @@ def tiny_tokenizer():
     return train_caption_tokenizer(CAPTIONS, model_max_length=16)
 
 
+def perturb_zero_init(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
+    """AdaLN-Zero and zero-initialised heads make a fresh model ignore its inputs; give those layers
+    small random weights so tests can see every input matter."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.abs().sum() == 0:
+                param.normal_(0, std)
+    return model
+
+
+def backbone_inputs(batch: int = 2, text_dim: int = 24):
+    """(video (B, 3, 4, 16, 16), timesteps, text states (B, 5, text_dim), text mask with padding)."""
+    generator = torch.Generator().manual_seed(1)
+    video = torch.randn(batch, 3, 4, 16, 16, generator=generator)
+    text = torch.randn(batch, 5, text_dim, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])[:batch]
+    return video, torch.tensor([900.0, 50.0])[:batch], text, mask
+
+
 def make_tiny_pipeline(tokenizer, seed: int = 0, **model_kwargs) -> NanoSoraPipeline:
     torch.manual_seed(seed)
     text_encoder = build_text_encoder(len(tokenizer), d_model=32, num_layers=1, num_heads=2)
@@ -31,11 +50,7 @@ def make_tiny_pipeline(tokenizer, seed: int = 0, **model_kwargs) -> NanoSoraPipe
                   num_layers=2, num_attention_heads=2, text_embed_dim=32)
     config.update(model_kwargs)
     transformer = NanoSoraTransformer3DModel(**config)
-    # AdaLN-Zero starts as the identity; perturb the zero-initialised layers so outputs depend on inputs.
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if param.abs().sum() == 0:
-                param.normal_(0, 0.02)
+    perturb_zero_init(transformer)
     pipe = NanoSoraPipeline(tokenizer, text_encoder, transformer, ChronosFlowMatchScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -13,6 +13,7 @@ from chronos_video import ChronosFlowMatchScheduler, ChronosMambaModel, ChronosP
 from chronos_video.models.mamba_chronos import invert_permutation, scan_orders
 from chronos_video.ops.wavelet import GAUSSIAN_DETAIL_ENERGY, haar_dwt2d, haar_idwt2d, patch_detail_energy
 from chronos_video.registry import get_architecture
+from conftest import backbone_inputs, perturb_zero_init
 
 PROMPT = "a small red circle moving left to right slowly"
 
@@ -22,20 +23,10 @@ def tiny_model(**kwargs) -> ChronosMambaModel:
     config = dict(sample_frames=4, sample_height=16, sample_width=16, hidden_size=32, num_layers=2, state_size=4,
                   num_attention_heads=4, num_kv_heads=2, text_embed_dim=24)
     config.update(kwargs)
-    model = ChronosMambaModel(**config)
-    with torch.no_grad():  # leave the AdaLN-Zero identity start so outputs depend on the input
-        for param in model.parameters():
-            if param.abs().sum() == 0:
-                param.normal_(0, 0.05)
-    return model
+    return perturb_zero_init(ChronosMambaModel(**config), std=0.05)
 
 
-def inputs(batch: int = 2):
-    generator = torch.Generator().manual_seed(1)
-    video = torch.randn(batch, 3, 4, 16, 16, generator=generator)
-    text = torch.randn(batch, 5, 24, generator=generator)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])[:batch]
-    return video, torch.tensor([900.0, 50.0])[:batch], text, mask
+inputs = backbone_inputs
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -10,6 +10,7 @@ from peft import LoraConfig
 
 from chronos_video import NanoSoraTransformer3DModel
 from chronos_video.models.embeddings import apply_rotary, rope_angles_3d, unpatchify, TubeletEmbed
+from conftest import backbone_inputs, perturb_zero_init
 
 
 def tiny_model(**kwargs) -> NanoSoraTransformer3DModel:
@@ -17,20 +18,10 @@ def tiny_model(**kwargs) -> NanoSoraTransformer3DModel:
     config = dict(sample_frames=4, sample_height=16, sample_width=16, hidden_size=32, num_layers=2, num_attention_heads=4,
                   num_kv_heads=2, text_embed_dim=24)
     config.update(kwargs)
-    model = NanoSoraTransformer3DModel(**config)
-    with torch.no_grad():  # leave the AdaLN-Zero identity start so outputs depend on the input
-        for param in model.parameters():
-            if param.abs().sum() == 0:
-                param.normal_(0, 0.05)
-    return model
+    return perturb_zero_init(NanoSoraTransformer3DModel(**config), std=0.05)
 
 
-def inputs(batch: int = 2):
-    generator = torch.Generator().manual_seed(1)
-    video = torch.randn(batch, 3, 4, 16, 16, generator=generator)
-    text = torch.randn(batch, 5, 24, generator=generator)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])[:batch]
-    return video, torch.tensor([900.0, 50.0])[:batch], text, mask
+inputs = backbone_inputs
 
 
 def test_forward_shape_and_dependence_on_every_input():
