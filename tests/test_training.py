@@ -44,8 +44,10 @@ def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_smoke_run_produces_a_loadable_pipeline_with_model_card(train, tmp_path):
     out = train.main(smoke_args(tmp_path, "run"))
-    for name in ("model_index.json", "README.md", "samples.gif", "oracle_scores.json", "training_config.json"):
+    for name in ("model_index.json", "README.md", "samples.gif", "oracle_scores.json", "training_config.json", "training_summary.json"):
         assert (out / name).is_file(), name
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["train_seconds"] > 0 and summary["resumed_from_step"] == 0
     card = (out / "README.md").read_text()
     assert "pipeline_tag: text-to-video" in card and "| color |" in card and "TODO" not in card
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-3", "checkpoint-6"]

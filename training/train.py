@@ -501,6 +501,9 @@ def finalize(
         pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, transformer, scheduler_config)
         pipe.save_pretrained(str(output_dir), safe_serialization=True)
     (output_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2))
+    summary = {"train_seconds": train_seconds, "steps": config.max_train_steps, "resumed_from_step": resumed_from_step,
+               "hardware": hardware_description(accelerator)}
+    (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
     pipe.set_progress_bar_config(disable=True)
 
     scores, table = evaluate_pipeline(

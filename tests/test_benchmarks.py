@@ -1,0 +1,35 @@
+"""The benchmark scripts that train models run end to end (at a budget of one step)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_chronos_ablation_benchmark_runs_end_to_end(tmp_path):
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_chronos_ablations.py"), "--max_train_steps", "1",
+               "--variants", "1 scan order", "no wavelet gate", "--parallel", "2", "--num_prompts", "1", "--num_clips", "2",
+               "--output_dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads((tmp_path / "ablations.json").read_text())["rows"]
+    assert [row["name"] for row in rows] == ["1 scan order", "no wavelet gate"]
+    assert rows[0]["gate_skipped_fraction"] is not None and rows[1]["gate_skipped_fraction"] is None
+    for row in rows:
+        assert row["heldout_loss"]["n"] == 2 and row["heldout_loss"]["loss"] > 0
+        assert set(row["oracle"]) >= {"color", "direction", "all"}
+    assert "| 1 scan order |" in result.stdout
+
+
+def test_chronos_ablation_benchmark_rejects_unknown_variant(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_chronos_ablations.py"), "--variants", "bogus",
+                             "--output_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0 and "unknown variant 'bogus'" in result.stderr
