@@ -72,7 +72,7 @@ def train_variant(name: str, overrides: list[str], args: argparse.Namespace) -> 
         sys.executable, str(REPO / "training" / "train.py"), "--config", str(CONFIG),
         "--output_dir", str(output), "--checkpoint_dir", str(output / "checkpoints"),
         "--max_train_steps", str(args.max_train_steps), "--num_threads", "1",
-        "--eval_num_prompts", str(args.num_prompts), *overrides,
+        "--eval_num_prompts", str(args.num_prompts), "--seed", str(args.seed), *overrides,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     started = time.perf_counter()
@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="variants trained at the same time, one thread each")
     parser.add_argument("--num_prompts", type=int, default=32, help="held-out prompts for the oracle")
     parser.add_argument("--num_clips", type=int, default=64, help="held-out clips for the denoising loss")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (init, batches, noise); rerun with another to see the spread")
     parser.add_argument("--output_dir", default="outputs/ablations")
     args = parser.parse_args()
     for name in ("max_train_steps", "parallel", "num_prompts", "num_clips"):
@@ -148,10 +149,10 @@ def main() -> None:
         records = list(pool.map(lambda item: train_variant(*item, args), variants.items()))
     rows = [score_variant(record, args.num_clips) for record in records]
     table = format_table(rows)
-    print(f"\nChronos-V ablations: {args.max_train_steps} steps of {CONFIG.relative_to(REPO)} each\n")
+    print(f"\nChronos-V ablations: {args.max_train_steps} steps of {CONFIG.relative_to(REPO)} each, seed {args.seed}\n")
     print(table)
     out = Path(args.output_dir) / "ablations.json"
-    out.write_text(json.dumps({"max_train_steps": args.max_train_steps, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"max_train_steps": args.max_train_steps, "seed": args.seed, "rows": rows}, indent=2))
     print(f"\nraw numbers: {out}")
 
 
