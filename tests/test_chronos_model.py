@@ -333,3 +333,13 @@ def test_input_skip_is_zero_initialised():
     with torch.no_grad():
         skip.skip_scale.bias.fill_(2.0)
     torch.testing.assert_close(skip(video, 500.0, text).sample, plain(video, 500.0, text).sample + 2 * video)
+
+
+def test_absolute_pos_embed_is_shared_with_nano_sora():
+    plain = tiny_model(use_wavelet_gate=False)
+    positioned = tiny_model(use_wavelet_gate=False, absolute_pos_embed=True)
+    positioned.load_state_dict(plain.state_dict())  # the flag adds no parameters
+    video, timestep, text, mask = inputs()
+    assert not torch.allclose(plain(video, timestep, text, mask).sample, positioned(video, timestep, text, mask).sample)
+    with pytest.raises(ValueError, match="absolute_pos_embed"):
+        tiny_model(hidden_size=40, absolute_pos_embed=True)

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 
 from chronos_video import NanoSoraTransformer3DModel
-from chronos_video.models.embeddings import apply_rotary, rope_angles_3d, unpatchify, TubeletEmbed
+from chronos_video.models.embeddings import apply_rotary, rope_angles_3d, sincos_position_embedding, unpatchify, TubeletEmbed
 from conftest import backbone_inputs, perturb_zero_init
 
 
@@ -108,7 +108,7 @@ def test_save_load_roundtrip(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"hidden_size": 30, "num_attention_heads": 4}, "divisible by `num_heads`"), ({"num_kv_heads": 3}, "num_kv_heads"),
-     ({"patch_size": (0, 4, 4)}, "patch_size")],
+     ({"patch_size": (0, 4, 4)}, "patch_size"), ({"hidden_size": 40, "absolute_pos_embed": True}, "absolute_pos_embed")],
 )
 def test_bad_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -140,3 +140,38 @@ def test_input_skip_starts_as_the_plain_model_and_learns_a_per_channel_scale():
     torch.testing.assert_close(skip(video, timestep, text, mask).sample, plain(video, timestep, text, mask).sample + video)
     with pytest.raises(ValueError, match="input_skip"):
         tiny_model(input_skip=True, out_channels=4)
+
+
+def test_sincos_position_embedding_follows_the_raster_token_order():
+    frames, height, width, dim = 3, 4, 5, 32
+    table = sincos_position_embedding((frames, height, width), dim).reshape(frames, height, width, dim)
+    temporal, spatial = table[..., : dim // 4], table[..., dim // 4 :]  # diffusers: [temporal | spatial]
+    # the temporal part depends on t only, the spatial part on (h, w) only
+    assert torch.equal(temporal, temporal[:, :1, :1].expand_as(temporal))
+    assert torch.equal(spatial, spatial[:1].expand_as(spatial))
+    # every token has its own embedding, and h and w are not confused (the grid is not square)
+    flat = table.reshape(-1, dim)
+    assert torch.cdist(flat, flat).add(torch.eye(len(flat))).min() > 1e-3
+    # the spatial part is [f(one axis) | g(other axis)]: each half is constant along one grid axis,
+    # which only holds if the (height, width) order given to diffusers is right
+    first, second = spatial[0, ..., : spatial.shape[-1] // 2], spatial[0, ..., spatial.shape[-1] // 2 :]
+    halves_constant_along = {
+        (torch.equal(half, half[:1].expand_as(half)), torch.equal(half, half[:, :1].expand_as(half))) for half in (first, second)
+    }
+    assert halves_constant_along == {(True, False), (False, True)}
+
+
+def test_absolute_pos_embed_tells_the_model_where_and_when_a_token_is():
+    plain = tiny_model()
+    positioned = tiny_model(absolute_pos_embed=True)
+    positioned.load_state_dict(plain.state_dict())  # the flag adds no parameters
+    video, timestep, text, mask = inputs()
+    out_plain, out_positioned = plain(video, timestep, text, mask).sample, positioned(video, timestep, text, mask).sample
+    assert not torch.allclose(out_plain, out_positioned)
+    # Without absolute positions a constant video gives the same output at every frame (RoPE and the
+    # tubelet convolution only see relative offsets); with them, frames can differ.
+    constant = torch.ones_like(video)
+    frames_plain = plain(constant, timestep, text, mask).sample
+    frames_positioned = positioned(constant, timestep, text, mask).sample
+    assert torch.allclose(frames_plain[:, :, :2], frames_plain[:, :, 2:], atol=1e-5)
+    assert not torch.allclose(frames_positioned[:, :, :2], frames_positioned[:, :, 2:], atol=1e-3)

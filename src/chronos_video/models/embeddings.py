@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_3d_sincos_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 
@@ -94,6 +94,23 @@ def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     real = pairs[..., 0] * cos - pairs[..., 1] * sin
     imag = pairs[..., 0] * sin + pairs[..., 1] * cos
     return torch.stack((real, imag), dim=-1).flatten(-2).to(x.dtype)
+
+
+def sincos_position_embedding(grid: tuple[int, int, int], dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 3D sin-cos embedding (L, dim) of a (F', H', W') token grid in raster (t, h, w) order.
+
+    RoPE only tells attention the *relative* offset of two tokens; on a clip whose layout depends on
+    absolute place and time (an object moving left to right starts on the left, in frame 0) the model
+    also needs to know where and when a token is. diffusers' CogVideoX embedding provides that.
+    """
+    frames, height, width = grid
+    embedding = get_3d_sincos_pos_embed(dim, (width, height), frames, device=device, output_type="pt")
+    return embedding.reshape(frames * height * width, dim).to(dtype=dtype)
+
+
+def check_absolute_pos_embed(absolute_pos_embed: bool, hidden_size: int) -> None:
+    if absolute_pos_embed and hidden_size % 16 != 0:
+        raise ValueError(f"`absolute_pos_embed` needs `hidden_size` divisible by 16, got {hidden_size}.")
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -232,6 +249,8 @@ class VideoBackboneMixin:
         batch = hidden_states.shape[0]
         timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
         tokens, grid = self.patch_embed(hidden_states)
+        if self.config.get("absolute_pos_embed", False):
+            tokens = tokens + sincos_position_embedding(grid, tokens.shape[-1], tokens.device, tokens.dtype)
         text_mask = prepare_text_mask(encoder_attention_mask, batch, encoder_hidden_states.shape[1], tokens.device)
         text_tokens, pooled_text = self.text_embed(encoder_hidden_states.to(tokens.dtype), text_mask)
         conditioning = self.time_embed(timestep, tokens.dtype) + pooled_text

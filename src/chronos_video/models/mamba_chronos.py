@@ -54,6 +54,7 @@ from .embeddings import (
     VideoBackboneMixin,
     _as_triple,
     apply_rotary,
+    check_absolute_pos_embed,
     modulate,
     rope_angles_3d,
 )
@@ -316,6 +317,8 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin, VideoBackbone
             (sigma * sqrt(2/pi), sigma = timestep / 1000), so the gate measures signal, not noise.
         input_skip: add a learned, conditioning-dependent per-channel multiple of the input to the
             velocity (`InputSkip`, shared with Nano-Sora); zero-initialised.
+        absolute_pos_embed: add diffusers' fixed 3D sin-cos position embedding to the tokens, so the
+            model knows absolute place and time as well as RoPE's relative offsets.
 
     Attributes:
         last_gate_stats: after each forward, {"mode": "off" | "soft" | "gather" | "mask",
@@ -361,8 +364,10 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin, VideoBackbone
         gate_temperature: float = 0.01,
         gate_noise_floor: bool = True,
         input_skip: bool = False,
+        absolute_pos_embed: bool = False,
     ):
         super().__init__()
+        check_absolute_pos_embed(absolute_pos_embed, hidden_size)
         self._check_config(hidden_size, num_layers, state_size, expand, conv_kernel_size, num_scan_orders, complex_state,
                            use_rope, text_conditioning, mlp_ratio, gate_temperature, time_step_min, time_step_max)
         self.patch_size = _as_triple(patch_size, "patch_size")

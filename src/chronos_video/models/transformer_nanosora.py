@@ -23,6 +23,7 @@ from .embeddings import (
     TubeletEmbed,
     VideoBackboneMixin,
     _as_triple,
+    check_absolute_pos_embed,
     modulate,
     rope_angles_3d,
 )
@@ -62,6 +63,8 @@ class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Vide
         rope_theta: base of the 3D rotary frequencies.
         input_skip: add a learned, conditioning-dependent per-channel multiple of the input to the
             velocity (`InputSkip`); zero-initialised, so it starts as the plain DiT.
+        absolute_pos_embed: add diffusers' fixed 3D sin-cos position embedding to the tokens, so the
+            model knows absolute place and time as well as RoPE's relative offsets.
     """
 
     _supports_gradient_checkpointing = True
@@ -86,8 +89,10 @@ class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Vide
         qk_norm: bool = True,
         rope_theta: float = 10000.0,
         input_skip: bool = False,
+        absolute_pos_embed: bool = False,
     ):
         super().__init__()
+        check_absolute_pos_embed(absolute_pos_embed, hidden_size)
         self.patch_size = _as_triple(patch_size, "patch_size")
         self.out_channels = out_channels or in_channels
         self.patch_embed = TubeletEmbed(in_channels, hidden_size, self.patch_size)
