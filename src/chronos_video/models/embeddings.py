@@ -6,6 +6,7 @@ AdaLN-Zero modulation live here once; each model family imports them instead of 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -103,9 +104,14 @@ def sincos_position_embedding(grid: tuple[int, int, int], dim: int, device=None,
     absolute place and time (an object moving left to right starts on the left, in frame 0) the model
     also needs to know where and when a token is. diffusers' CogVideoX embedding provides that.
     """
+    return _sincos_table(tuple(grid), dim).to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _sincos_table(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
+    """Computed once per grid and width: the sampling loop asks for the same table at every step."""
     frames, height, width = grid
-    embedding = get_3d_sincos_pos_embed(dim, (width, height), frames, device=device, output_type="pt")
-    return embedding.reshape(frames * height * width, dim).to(dtype=dtype)
+    return get_3d_sincos_pos_embed(dim, (width, height), frames, output_type="pt").reshape(frames * height * width, dim)
 
 
 def check_absolute_pos_embed(absolute_pos_embed: bool, hidden_size: int) -> None:
