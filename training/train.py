@@ -61,7 +61,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     # model
     model: dict[str, Any] = field(default_factory=dict)
-    text_encoder: dict[str, Any] = field(default_factory=lambda: {"d_model": 128, "num_layers": 2, "num_heads": 4})
+    text_encoder: dict[str, Any] = field(default_factory=lambda: {"encoder_type": "clip", "d_model": 128, "num_layers": 2, "num_heads": 4})
     tokenizer_max_length: int = 24
     scheduler: dict[str, Any] = field(default_factory=lambda: {"shift": 1.0, "solver": "euler"})
     # optimisation
@@ -333,12 +333,21 @@ def main(argv: list[str] | None = None) -> Path:
         scheduler_config = dict(base.scheduler.config)
     else:
         tokenizer = train_caption_tokenizer(captions, model_max_length=config.tokenizer_max_length)
-        text_encoder = build_text_encoder(len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config.text_encoder)
+        text_encoder = build_text_encoder(
+            len(tokenizer),
+            **{
+                "pad_token_id": tokenizer.pad_token_id,
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "max_position_embeddings": config.tokenizer_max_length,
+                **config.text_encoder,
+            },
+        )
         model_kwargs = {
             "sample_frames": config.data.get("num_frames", 16),
             "sample_height": config.data.get("height", 32),
             "sample_width": config.data.get("width", 32),
-            "text_embed_dim": text_encoder.config.d_model,
+            "text_embed_dim": text_encoder.config.hidden_size,
             **config.model,
         }
         transformer = architecture.model_class(**model_kwargs)

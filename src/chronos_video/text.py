@@ -1,4 +1,12 @@
-"""Small text stack trained with the video model: a word-level tokenizer and a tiny T5 encoder.
+"""Small text stack trained with the video model: a word-level tokenizer and a tiny text encoder.
+
+Two encoders are offered, both plain transformers models: T5 (bidirectional, relative position
+buckets) and CLIP's text transformer (causal, learned absolute positions, as in Stable Diffusion).
+Trained from scratch on the shapes captions, the T5 encoder gives "left to right" and "right to
+left" almost the same token states (same words, and its position buckets start near zero), and
+cross-attention reads tokens as a set, so the backbone cannot tell the two apart. The causal
+encoder makes every token state depend on the words before it, so word order reaches the video
+model from the first step.
 
 The tokenizer is trained locally with `tokenizers` on the captions (nothing is downloaded) and
 wrapped as a `PreTrainedTokenizerFast`, so it saves and loads like any Hub tokenizer. Any other
@@ -10,16 +18,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]"}
+SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]", "eos_token": "[EOS]"}
+TEXT_ENCODER_TYPES = ("t5", "clip")
 
 
 def train_caption_tokenizer(captions: Iterable[str], vocab_size: int = 512, model_max_length: int = 32) -> PreTrainedTokenizerFast:
     """Trains a lower-cased word-level tokenizer on `captions`.
 
-    Every encoding starts with `[BOS]`, so an empty prompt (the unconditional branch of
-    classifier-free guidance) is still one real token rather than an all-padding row.
+    Every encoding is `[BOS] words [EOS]`, so an empty prompt (the unconditional branch of
+    classifier-free guidance) is still real tokens rather than an all-padding row, and a causal
+    encoder's `[EOS]` state summarises the whole caption (CLIP's pooled output).
     """
     if vocab_size < 8:
         raise ValueError(f"`vocab_size` must be at least 8, got {vocab_size}.")
@@ -28,8 +38,10 @@ def train_caption_tokenizer(captions: Iterable[str], vocab_size: int = 512, mode
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
     trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()))
     tokenizer.train_from_iterator(captions, trainer=trainer)
-    bos = SPECIAL_TOKENS["bos_token"]
-    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    bos, eos = SPECIAL_TOKENS["bos_token"], SPECIAL_TOKENS["eos_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tokenizer.token_to_id(bos)), (eos, tokenizer.token_to_id(eos))]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, padding_side="right", **SPECIAL_TOKENS)
 
 
@@ -40,8 +52,36 @@ def build_text_encoder(
     num_heads: int = 4,
     d_ff: int | None = None,
     pad_token_id: int = 0,
-) -> T5EncoderModel:
-    """A tiny `T5EncoderModel`, randomly initialised, trained jointly with the video backbone."""
+    encoder_type: str = "t5",
+    max_position_embeddings: int = 64,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> PreTrainedModel:
+    """A tiny randomly initialised text encoder, trained jointly with the video backbone.
+
+    `encoder_type` is "t5" (`T5EncoderModel`) or "clip" (`CLIPTextModel`: causal, with learned
+    absolute positions up to `max_position_embeddings` tokens). The token ids should be the
+    tokenizer's, so that CLIP's pooled output is taken at `[EOS]`.
+    """
+    if encoder_type not in TEXT_ENCODER_TYPES:
+        raise ValueError(f"`encoder_type` must be one of {list(TEXT_ENCODER_TYPES)}, got {encoder_type!r}.")
+    if d_model % num_heads != 0:
+        raise ValueError(f"`d_model`={d_model} must be divisible by `num_heads`={num_heads}.")
+    if encoder_type == "clip":
+        config = CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=d_model,
+            intermediate_size=d_ff or 4 * d_model,
+            projection_dim=d_model,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            max_position_embeddings=max_position_embeddings,
+            hidden_act="gelu",
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id if bos_token_id is not None else pad_token_id,
+            eos_token_id=eos_token_id if eos_token_id is not None else pad_token_id,
+        )
+        return CLIPTextModel(config)
     config = T5Config(
         vocab_size=vocab_size,
         d_model=d_model,

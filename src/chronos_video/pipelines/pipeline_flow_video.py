@@ -102,10 +102,16 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
 
     # ------------------------------------------------------------------ text
     def _max_sequence_length(self, max_sequence_length: int | None) -> int:
-        if max_sequence_length is not None:
-            return max_sequence_length
         model_max = getattr(self.tokenizer, "model_max_length", 128)
-        return int(model_max) if model_max <= 1024 else 128
+        length = max_sequence_length if max_sequence_length is not None else (int(model_max) if model_max <= 1024 else 128)
+        # Encoders with learned absolute positions (CLIP, BERT) cannot read past their table.
+        positions = getattr(getattr(self.text_encoder, "config", None), "max_position_embeddings", None)
+        if positions is not None and length > positions:
+            raise ValueError(
+                f"`max_sequence_length`={length} is longer than the text encoder's {positions} position embeddings; "
+                f"pass max_sequence_length <= {positions}."
+            )
+        return length
 
     def _encode_text(self, prompts: list[str], max_sequence_length: int, device, dtype):
         inputs = self.tokenizer(
