@@ -68,3 +68,15 @@ def test_calibrate_stores_a_schedule_usable_as_precision_calibrated(saved_pipeli
     assert pipe.scheduler.config.calibrated_precision_schedule["rules"]
     out = pipe("a small red circle moving left to right slowly", num_inference_steps=2, precision="calibrated")
     assert all("gauge" in step for step in out.trace)
+
+
+def test_swap_gap_prints_a_table_and_writes_json(saved_pipeline, tmp_path, capsys):
+    path = tmp_path / "gaps.json"
+    argv = ["swap-gap", "--pipeline", str(saved_pipeline), "--attributes", "color,direction", "--num-clips", "2", "--json", str(path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| attribute swapped |" in out and "| color |" in out and "| direction |" in out
+    results = json.loads(path.read_text())
+    assert set(results) == {"color", "direction"} and results["color"]["n"] == 2
+    assert main(["swap-gap", "--pipeline", str(saved_pipeline), "--attributes", "texture"]) == 2
+    assert "`attribute` must be one of" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Held-out denoising loss: exact on a model whose output is known, deterministic, and validating."""
+"""Held-out denoising loss and caption-swap loss gap: exact on models whose output is known,
+deterministic, and validating."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from chronos_video.data import build_shapes_dataset
-from chronos_video.evaluation import heldout_denoising_loss
+from chronos_video.data import DIRECTIONS, build_shapes_dataset
+from chronos_video.data.shapes import ATTRIBUTE_NAMES, ShapeAttributes
+from chronos_video.evaluation import caption_swap_loss_gap, heldout_denoising_loss, swapped_attribute
 
 from conftest import make_tiny_pipeline
 
@@ -47,3 +49,36 @@ def test_loss_is_deterministic_and_separates_models(tiny_tokenizer):
 def test_bad_arguments_name_the_argument(tiny_pipeline, kwargs, match):
     with pytest.raises(ValueError, match=match):
         heldout_denoising_loss(tiny_pipeline, **kwargs)
+
+
+def test_swapped_attribute_changes_exactly_that_attribute():
+    base = ShapeAttributes("red", "circle", "small", "left to right", "slowly")
+    for attribute in ATTRIBUTE_NAMES:
+        swapped = swapped_attribute(base, attribute)
+        changed = [name for name in ATTRIBUTE_NAMES if getattr(swapped, name) != getattr(base, name)]
+        assert changed == [attribute]
+    for direction, (dx, dy) in DIRECTIONS.items():
+        opposite = swapped_attribute(ShapeAttributes("red", "circle", "small", direction, "slowly"), "direction")
+        assert DIRECTIONS[opposite.direction] == (-dx, -dy)
+
+
+def test_swap_gap_is_zero_for_a_model_blind_to_the_caption(tiny_tokenizer):
+    pipe = make_tiny_pipeline(tiny_tokenizer)
+    with torch.no_grad():  # the backbone's text projection outputs zeros: every caption looks the same
+        pipe.transformer.text_embed.proj[-1].weight.zero_()
+        pipe.transformer.text_embed.proj[-1].bias.zero_()
+    result = caption_swap_loss_gap(pipe, "color", num_clips=4, sigmas=(0.5, 0.9), max_sequence_length=16)
+    assert result["gap"] == result["gap@0.5"] == result["gap@0.9"] == 0.0
+    assert result["loss_true"] > 0 and result["n"] == 4
+
+
+def test_swap_gap_sees_a_model_that_reads_the_caption(tiny_tokenizer):
+    pipe = make_tiny_pipeline(tiny_tokenizer)
+    first = caption_swap_loss_gap(pipe, "color", num_clips=4, max_sequence_length=16)
+    assert first == caption_swap_loss_gap(pipe, "color", num_clips=4, max_sequence_length=16)
+    assert first["gap"] != 0.0
+    assert first["relative_gap"] == pytest.approx(first["gap"] / first["loss_true"])
+    with pytest.raises(ValueError, match="`attribute` must be one of"):
+        caption_swap_loss_gap(pipe, "texture")
+    with pytest.raises(ValueError, match="num_clips"):
+        caption_swap_loss_gap(pipe, "color", num_clips=0)

@@ -88,6 +88,21 @@ def _evaluate(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(scores, indent=2))
 
 
+def _swap_gap(args: argparse.Namespace) -> None:
+    from .evaluation import caption_swap_loss_gap
+
+    pipe = load_pipeline(args.pipeline, args.dtype)
+    attributes = [name.strip() for name in args.attributes.split(",") if name.strip()]
+    results = {}
+    print("| attribute swapped | loss, true caption | loss gap | gap / loss |\n|---|---:|---:|---:|")
+    for attribute in attributes:
+        result = caption_swap_loss_gap(pipe, attribute, num_clips=args.num_clips, split=args.split, seed=args.seed)
+        results[attribute] = result
+        print(f"| {attribute} | {result['loss_true']:.4f} | {result['gap']:+.5f} | {100 * result['relative_gap']:+.1f}% |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
 def _calibrate(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -147,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     evaluate.add_argument("--json", default=None, help="also write the scores to this JSON file")
     evaluate.set_defaults(func=_evaluate)
+
+    swap = commands.add_parser("swap-gap", help="denoising-loss increase when one caption attribute is swapped (does the model use it?)")
+    swap.add_argument("--pipeline", required=True)
+    swap.add_argument("--attributes", default="color,shape,size,direction,speed", help="comma-separated attribute names")
+    swap.add_argument("--num-clips", type=int, default=64)
+    swap.add_argument("--split", choices=["train", "heldout", "all"], default="train")
+    swap.add_argument("--seed", type=int, default=0)
+    swap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    swap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    swap.set_defaults(func=_swap_gap)
 
     calibrate = commands.add_parser("calibrate", help="profile per-layer precision sensitivity and store a calibrated schedule")
     calibrate.add_argument("--pipeline", required=True, help="pipeline folder (its scheduler config is updated in place)")

@@ -1,7 +1,8 @@
 """Evaluation tools: the pixel oracle that reads shapes attributes back from generated videos, and
-the held-out denoising loss used where samples are not yet informative."""
+the held-out denoising loss used where samples are not yet informative, and the caption-swap
+loss gap that tells whether a model uses a caption attribute at all."""
 
-from .denoising import heldout_denoising_loss
+from .denoising import caption_swap_loss_gap, heldout_denoising_loss, swapped_attribute
 from .oracle import ShapesOracle, format_oracle_table
 
-__all__ = ["ShapesOracle", "format_oracle_table", "heldout_denoising_loss"]
+__all__ = ["ShapesOracle", "caption_swap_loss_gap", "format_oracle_table", "heldout_denoising_loss", "swapped_attribute"]
