@@ -9,7 +9,7 @@ import torch
 
 from chronos_video.data import DIRECTIONS, build_shapes_dataset
 from chronos_video.data.shapes import ATTRIBUTE_NAMES, ShapeAttributes
-from chronos_video.evaluation import caption_swap_loss_gap, heldout_denoising_loss, swapped_attribute
+from chronos_video.evaluation import caption_swap_loss_gap, caption_swap_loss_gaps, heldout_denoising_loss, swapped_attribute
 
 from conftest import make_tiny_pipeline
 
@@ -82,3 +82,10 @@ def test_swap_gap_sees_a_model_that_reads_the_caption(tiny_tokenizer):
         caption_swap_loss_gap(pipe, "texture")
     with pytest.raises(ValueError, match="num_clips"):
         caption_swap_loss_gap(pipe, "color", num_clips=0)
+
+
+def test_several_attributes_at_once_match_one_at_a_time(tiny_tokenizer):
+    pipe = make_tiny_pipeline(tiny_tokenizer)
+    together = caption_swap_loss_gaps(pipe, ["color", "direction"], num_clips=3, max_sequence_length=16)
+    for attribute in ("color", "direction"):
+        assert together[attribute] == caption_swap_loss_gap(pipe, attribute, num_clips=3, max_sequence_length=16)

@@ -89,15 +89,13 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _swap_gap(args: argparse.Namespace) -> None:
-    from .evaluation import caption_swap_loss_gap
+    from .evaluation import caption_swap_loss_gaps
 
     pipe = load_pipeline(args.pipeline, args.dtype)
     attributes = [name.strip() for name in args.attributes.split(",") if name.strip()]
-    results = {}
+    results = caption_swap_loss_gaps(pipe, attributes, num_clips=args.num_clips, split=args.split, seed=args.seed)
     print("| attribute swapped | loss, true caption | loss gap | gap / loss |\n|---|---:|---:|---:|")
-    for attribute in attributes:
-        result = caption_swap_loss_gap(pipe, attribute, num_clips=args.num_clips, split=args.split, seed=args.seed)
-        results[attribute] = result
+    for attribute, result in results.items():
         print(f"| {attribute} | {result['loss_true']:.4f} | {result['gap']:+.5f} | {100 * result['relative_gap']:+.1f}% |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -24,7 +24,7 @@ from ..training_utils import rectified_flow_inputs
 DEFAULT_SIGMAS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9, 0.97)
 
 
-def _check_common(pipe, num_clips, batch_size, sigmas) -> list[float]:
+def _check_arguments(pipe, num_clips, batch_size, sigmas) -> list[float]:
     if getattr(pipe, "vae", None) is not None:
         raise ValueError("Denoising-loss evaluation scores pixel-space pipelines; this one has a VAE.")
     if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1:
@@ -48,7 +48,8 @@ def _shapes_clips(pipe, num_clips: int, split: str, seed: int) -> tuple[torch.Te
     )
     frames = np.asarray(dataset.with_format("numpy")["frames"]).astype(np.uint8)
     clips = torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
-    attributes = [ShapeAttributes(*(dataset[name][i] for name in ATTRIBUTE_NAMES)) for i in range(len(dataset))]
+    columns = [dataset[name] for name in ATTRIBUTE_NAMES]
+    attributes = [ShapeAttributes(*values) for values in zip(*columns)]
     return clips, attributes, list(dataset["caption"])
 
 
@@ -93,7 +94,7 @@ def heldout_denoising_loss(
 
     Returns `{"loss": mean over all sigmas, "loss@<sigma>": per sigma, "n": num_clips}`.
     """
-    sigmas = _check_common(pipe, num_clips, batch_size, sigmas)
+    sigmas = _check_arguments(pipe, num_clips, batch_size, sigmas)
     clips, _, captions = _shapes_clips(pipe, num_clips, "heldout", seed)
     noise = torch.randn((len(sigmas), *clips.shape), generator=torch.Generator().manual_seed(seed))
     per_sigma = _velocity_errors(pipe, clips, captions, noise, sigmas, batch_size, max_sequence_length).mean(dim=1).tolist()
@@ -116,6 +117,43 @@ def swapped_attribute(attrs: ShapeAttributes, attribute: str) -> ShapeAttributes
 
 
 @torch.no_grad()
+def caption_swap_loss_gaps(
+    pipe,
+    attributes: Sequence[str] = ATTRIBUTE_NAMES,
+    num_clips: int = 64,
+    sigmas: Sequence[float] = (0.5, 0.7, 0.9),
+    split: str = "train",
+    seed: int = 0,
+    batch_size: int = 16,
+    max_sequence_length: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """`caption_swap_loss_gap` for several attributes, rendering the clips and scoring the true
+    captions once. Returns `{attribute: result}`."""
+    attributes = list(attributes)
+    unknown = [a for a in attributes if a not in ATTRIBUTE_NAMES]
+    if not attributes or unknown:
+        raise ValueError(f"`attribute` must be one of {list(ATTRIBUTE_NAMES)}, got {unknown or attributes!r}.")
+    sigmas = _check_arguments(pipe, num_clips, batch_size, sigmas)
+    clips, clip_attributes, _ = _shapes_clips(pipe, num_clips, split, seed)
+    noise = torch.randn((len(sigmas), *clips.shape), generator=torch.Generator().manual_seed(seed))
+
+    def mean_errors(captions: list[str]) -> torch.Tensor:
+        return _velocity_errors(pipe, clips, captions, noise, sigmas, batch_size, max_sequence_length).mean(dim=1)
+
+    true = mean_errors([a.caption() for a in clip_attributes])
+    results = {}
+    for attribute in attributes:
+        swapped = mean_errors([swapped_attribute(a, attribute).caption() for a in clip_attributes])
+        gaps = (swapped - true).tolist()
+        result = {"gap": float(np.mean(gaps))}
+        result.update({f"gap@{sigma:g}": value for sigma, value in zip(sigmas, gaps)})
+        result["loss_true"] = float(true.mean())
+        result["relative_gap"] = result["gap"] / result["loss_true"]
+        result["n"] = num_clips
+        results[attribute] = result
+    return results
+
+
 def caption_swap_loss_gap(
     pipe,
     attribute: str = "direction",
@@ -135,19 +173,7 @@ def caption_swap_loss_gap(
     Returns `{"gap": mean over sigmas of (swapped - true) loss, "gap@<sigma>": per sigma,
     "relative_gap": gap / true loss, "loss_true": ..., "n": num_clips}`.
     """
-    if attribute not in ATTRIBUTE_NAMES:
-        raise ValueError(f"`attribute` must be one of {list(ATTRIBUTE_NAMES)}, got {attribute!r}.")
-    sigmas = _check_common(pipe, num_clips, batch_size, sigmas)
-    clips, attributes, _ = _shapes_clips(pipe, num_clips, split, seed)
-    noise = torch.randn((len(sigmas), *clips.shape), generator=torch.Generator().manual_seed(seed))
-    true_captions = [a.caption() for a in attributes]
-    swapped_captions = [swapped_attribute(a, attribute).caption() for a in attributes]
-    true = _velocity_errors(pipe, clips, true_captions, noise, sigmas, batch_size, max_sequence_length).mean(dim=1)
-    swapped = _velocity_errors(pipe, clips, swapped_captions, noise, sigmas, batch_size, max_sequence_length).mean(dim=1)
-    gaps = (swapped - true).tolist()
-    result = {"gap": float(np.mean(gaps))}
-    result.update({f"gap@{sigma:g}": value for sigma, value in zip(sigmas, gaps)})
-    result["loss_true"] = float(true.mean())
-    result["relative_gap"] = result["gap"] / result["loss_true"]
-    result["n"] = num_clips
-    return result
+    return caption_swap_loss_gaps(
+        pipe, [attribute], num_clips=num_clips, sigmas=sigmas, split=split, seed=seed, batch_size=batch_size,
+        max_sequence_length=max_sequence_length,
+    )[attribute]
