@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import imageio.v3 as iio
 import pytest
@@ -56,8 +57,6 @@ def test_evaluate_prints_the_oracle_table(saved_pipeline, tmp_path, capsys):
 
 
 def test_calibrate_stores_a_schedule_usable_as_precision_calibrated(saved_pipeline, tmp_path):
-    import shutil
-
     from chronos_video import NanoSoraPipeline
 
     target = tmp_path / "calibrated"
@@ -80,3 +79,17 @@ def test_swap_gap_prints_a_table_and_writes_json(saved_pipeline, tmp_path, capsy
     assert set(results) == {"color", "direction"} and results["color"]["n"] == 2
     assert main(["swap-gap", "--pipeline", str(saved_pipeline), "--attributes", "texture"]) == 2
     assert "`attribute` must be one of" in capsys.readouterr().err
+
+
+def test_swap_gap_scores_clips_placed_as_the_pipeline_was_trained(saved_pipeline, tmp_path, capsys):
+    """A pipeline trained on centred paths is scored on centred clips unless told otherwise."""
+    target = tmp_path / "centred"
+    shutil.copytree(saved_pipeline, target)
+    argv = ["swap-gap", "--pipeline", str(target), "--attributes", "direction", "--num-clips", "2", "--json"]
+    assert main([*argv, str(tmp_path / "anywhere.json")]) == 0
+    (target / "training_config.json").write_text(json.dumps({"data": {"start_spread": 0.0}}))
+    assert main([*argv, str(tmp_path / "centred.json")]) == 0
+    assert main([*argv, str(tmp_path / "flag.json"), "--start-spread", "1.0"]) == 0
+    capsys.readouterr()
+    loss = {name: json.loads((tmp_path / f"{name}.json").read_text())["direction"]["loss_true"] for name in ("anywhere", "centred", "flag")}
+    assert loss["anywhere"] == loss["flag"] != loss["centred"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import CLIPTextModel, T5EncoderModel
 
-from chronos_video import NanoSoraPipeline, build_text_encoder
+from chronos_video import NanoSoraPipeline, build_text_encoder, pretrain_text_encoder, train_caption_tokenizer
 from chronos_video.models.embeddings import masked_mean
 
 from conftest import make_tiny_pipeline
@@ -82,3 +82,45 @@ def test_pipeline_with_clip_encoder_saves_loads_and_generates(tiny_tokenizer, tm
     np.testing.assert_allclose(first, second, atol=1e-5)
     with pytest.raises(ValueError, match="`max_sequence_length`=40 is longer than the text encoder's 16 position embeddings"):
         loaded(**kwargs, max_sequence_length=40)
+
+
+def test_pretraining_makes_every_word_and_its_order_readable(tiny_tokenizer):
+    """`pretrain_text_encoder` leaves the pooled state encoding each word at its position, so two
+    captions that differ in one late word (or only in word order) end up as far apart as any."""
+    captions = ["a small red circle moving left to right slowly", "a small red circle moving right to left slowly",
+                "a small blue circle moving left to right slowly", "a large green triangle moving top to bottom quickly"]
+    tokenizer = train_caption_tokenizer(captions, model_max_length=16)
+    encoder = clip_encoder(tokenizer)
+
+    def pooled(caption):
+        inputs, output = encode(tokenizer, encoder, [caption])
+        return masked_mean(output.last_hidden_state, inputs.attention_mask.bool())[0]
+
+    encoder.eval()
+    accuracy = pretrain_text_encoder(encoder, tokenizer, captions, num_steps=150, batch_size=8, learning_rate=3e-3)
+    assert accuracy == 1.0 and encoder.training is False  # gives the encoder back in the mode it came in
+    order_gap = (pooled(captions[0]) - pooled(captions[1])).norm()
+    colour_gap = (pooled(captions[0]) - pooled(captions[2])).norm()
+    assert order_gap > 0.5 * colour_gap > 0
+
+
+def test_pretraining_rejects_bad_arguments(tiny_tokenizer):
+    encoder = clip_encoder(tiny_tokenizer)
+    with pytest.raises(ValueError, match="captions"):
+        pretrain_text_encoder(encoder, tiny_tokenizer, [])
+    with pytest.raises(ValueError, match="num_steps"):
+        pretrain_text_encoder(encoder, tiny_tokenizer, ["a red circle"], num_steps=0)
+
+
+def test_last_state_pooling_reads_the_eos_state_and_is_saved(tiny_tokenizer, tmp_path):
+    from chronos_video.models.embeddings import pool_text_states
+
+    states = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]]).bool()
+    torch.testing.assert_close(pool_text_states(states, mask, "last"), states[[0, 1], [2, 0]])
+    torch.testing.assert_close(pool_text_states(states, mask, "mean"), masked_mean(states, mask))
+    with pytest.raises(ValueError, match="text_pooling"):
+        make_tiny_pipeline(tiny_tokenizer, text_pooling="max")
+    pipe = make_tiny_pipeline(tiny_tokenizer, text_pooling="last")
+    pipe.save_pretrained(tmp_path / "p")
+    assert NanoSoraPipeline.from_pretrained(tmp_path / "p").transformer.text_embed.text_pooling == "last"

@@ -57,14 +57,27 @@ def test_smoke_run_produces_a_loadable_pipeline_with_model_card(train, tmp_path)
     assert frames.shape == (1, 8, 16, 16, 3)
 
 
-def test_interrupted_then_resumed_run_matches_uninterrupted(train, tmp_path):
-    full = train.main(smoke_args(tmp_path, "full"))
-    half = train.main(smoke_args(tmp_path, "resumed", "--max_train_steps", "3"))
-    resumed = train.main(smoke_args(tmp_path, "resumed", "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
+# The motion recipe of the shipped configs: a caption-pretrained, frozen text encoder, absolute positions,
+# centred paths and clean-sample prediction.
+MOTION_RECIPE = ("--text_encoder_pretrain_steps", "5", "--train_text_encoder", "false", "--model.absolute_pos_embed", "true",
+                 "--model.hidden_size", "32", "--data.start_spread", "0.0", "--model.prediction_type", "sample")
+
+
+@pytest.mark.parametrize("recipe", [(), MOTION_RECIPE], ids=["default", "motion-recipe"])
+def test_interrupted_then_resumed_run_matches_uninterrupted(train, tmp_path, recipe):
+    full = train.main(smoke_args(tmp_path, "full", *recipe))
+    half = train.main(smoke_args(tmp_path, "resumed", "--max_train_steps", "3", *recipe))
+    resumed = train.main(smoke_args(tmp_path, "resumed", "--max_train_steps", "6", "--resume_from_checkpoint", "latest", *recipe))
     expected, got = transformer_weights(full), transformer_weights(resumed)
     assert half == resumed and expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    frozen_saved = (resumed / "checkpoints" / "checkpoint-6" / "frozen_text_encoder.safetensors").is_file()
+    assert frozen_saved == bool(recipe)
+    text_expected = load_file(str(full / "text_encoder" / "model.safetensors"))
+    text_got = load_file(str(resumed / "text_encoder" / "model.safetensors"))
+    for key in text_expected:
+        torch.testing.assert_close(text_got[key], text_expected[key], rtol=1e-5, atol=1e-6, msg=key)
     state = json.loads((resumed / "checkpoints" / "checkpoint-6" / "training_state.json").read_text())
     assert state["step"] == 6
 

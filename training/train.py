@@ -15,6 +15,7 @@ Every config key can be overridden on the command line (`--max_train_steps 10`,
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import platform
@@ -34,8 +35,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_loss_weighting_for_sd3
 from tqdm.auto import tqdm
 
-from chronos_video import ChronosFlowMatchScheduler, build_text_encoder, train_caption_tokenizer
-from chronos_video.data import build_shapes_dataset
+from chronos_video import ChronosFlowMatchScheduler, build_text_encoder, pretrain_text_encoder, train_caption_tokenizer
+from chronos_video.data import ATTRIBUTE_NAMES, build_shapes_dataset
 from chronos_video.registry import get_architecture
 from chronos_video.training_utils import (
     load_checkpoint,
@@ -59,10 +60,20 @@ class TrainConfig:
     # data
     data: dict[str, Any] = field(default_factory=lambda: {"num_clips": 2000, "num_frames": 16, "height": 32, "width": 32, "split": "train", "seed": 0})
     caption_dropout: float = 0.1
+    # Curriculum: a second set of clips (`data` overrides, e.g. one appearance so only the motion varies)
+    # that makes up whole batches for the first `curriculum_steps` steps and `curriculum_mix` of each
+    # batch afterwards. Motion is learned on it first instead of last (benchmarks/motion_learnability.py).
+    curriculum_data: dict[str, Any] | None = None
+    curriculum_steps: int = 0
+    curriculum_mix: float = 0.0
     # model
     model: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] = field(default_factory=lambda: {"encoder_type": "clip", "d_model": 128, "num_layers": 2, "num_heads": 4})
     tokenizer_max_length: int = 24
+    # Before the video model trains, teach the new text encoder to keep every caption word apart
+    # (chronos_video.pretrain_text_encoder); then train it with the backbone or keep it frozen.
+    text_encoder_pretrain_steps: int = 0
+    train_text_encoder: bool = True
     scheduler: dict[str, Any] = field(default_factory=lambda: {"shift": 1.0, "solver": "euler"})
     # optimisation
     max_train_steps: int = 1000
@@ -98,6 +109,10 @@ class TrainConfig:
     logging_steps: int = 10
     validation_steps: int = 0
     validation_prompts: list[str] = field(default_factory=lambda: ["a small red circle moving left to right slowly"])
+    # learning curve: at every validation step, oracle accuracy of sampled videos and caption swap gaps,
+    # logged to the trackers and appended to {output_dir}/logs/learning_curve.jsonl
+    validation_num_prompts: int = 0
+    validation_swap_gap_clips: int = 0
     # final evaluation and model card
     eval_num_prompts: int = 32
     eval_num_inference_steps: int = 20
@@ -125,6 +140,12 @@ class TrainConfig:
             raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
         if self.mixed_precision not in ("no", "fp16", "bf16", "fp8"):
             raise ValueError(f"`mixed_precision` must be one of no/fp16/bf16/fp8, got {self.mixed_precision!r}.")
+        if not 0.0 <= self.curriculum_mix < 1.0:
+            raise ValueError(f"`curriculum_mix` must be in [0, 1), got {self.curriculum_mix}.")
+        if self.curriculum_steps < 0:
+            raise ValueError(f"`curriculum_steps` must be >= 0, got {self.curriculum_steps}.")
+        if (self.curriculum_steps or self.curriculum_mix) and not self.curriculum_data:
+            raise ValueError("`curriculum_steps` / `curriculum_mix` need `curriculum_data`.")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}.")
         if self.checkpointing_steps < 1:
@@ -201,11 +222,14 @@ class TextToVideoModule(torch.nn.Module):
         )[0]
 
 
-def load_training_frames(config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
+def load_training_frames(config: TrainConfig, overrides: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[str]]:
     """The shapes clips as one uint8 tensor (N, F, H, W, 3) plus captions, cached on disk by settings."""
-    data = dict(config.data)
+    data = {**config.data, **(overrides or {})}
     cache_root = Path(data.pop("cache_dir", None) or Path.home() / ".cache" / "chronos_video" / "shapes")
-    key = "-".join(f"{k}{data[k]}" for k in sorted(data))
+    key = "-".join(
+        f"{k}{data[k]}" if isinstance(data[k], (int, float, str)) else f"{k}{hashlib.sha1(json.dumps(data[k], sort_keys=True).encode()).hexdigest()[:10]}"
+        for k in sorted(data)
+    )
     cache = cache_root / key
     if (cache / "dataset_info.json").exists():
         from datasets import load_from_disk
@@ -230,6 +254,20 @@ def batch_indices(step: int, batch_size: int, num_items: int, seed: int, rank: i
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     start = position * global_batch + rank * batch_size
     return order[start : start + batch_size]
+
+
+def curriculum_batch_indices(config: TrainConfig, micro_step: int, step: int, num_main: int, num_items: int, rank: int, world: int) -> torch.Tensor:
+    """Batch indices over the main clips (first `num_main`) and the curriculum clips after them."""
+    batch = config.train_batch_size
+    if not config.curriculum_data:
+        return batch_indices(micro_step, batch, num_main, config.seed, rank, world)
+    num_extra = batch if step < config.curriculum_steps else round(config.curriculum_mix * batch)
+    parts = []
+    if batch - num_extra:
+        parts.append(batch_indices(micro_step, batch - num_extra, num_main, config.seed, rank, world))
+    if num_extra:
+        parts.append(num_main + batch_indices(micro_step, num_extra, num_items - num_main, config.seed + 1, rank, world))
+    return torch.cat(parts)
 
 
 def build_pipeline(architecture, tokenizer, text_encoder, transformer, scheduler_config: dict[str, Any]):
@@ -327,6 +365,10 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(config.seed)
 
     frames, captions = load_training_frames(config)
+    num_main_items = frames.shape[0]
+    if config.curriculum_data:
+        extra_frames, extra_captions = load_training_frames(config, config.curriculum_data)
+        frames, captions = torch.cat([frames, extra_frames]), captions + extra_captions
     if config.pretrained_pipeline:
         base = architecture.pipeline_class.from_pretrained(config.pretrained_pipeline)
         tokenizer, text_encoder, transformer = base.tokenizer, base.text_encoder, base.transformer
@@ -343,6 +385,10 @@ def main(argv: list[str] | None = None) -> Path:
                 **config.text_encoder,
             },
         )
+        if config.text_encoder_pretrain_steps:
+            accuracy = pretrain_text_encoder(text_encoder, tokenizer, captions, num_steps=config.text_encoder_pretrain_steps, seed=config.seed,
+                                             text_pooling=config.model.get("text_pooling", "mean"))
+            logger.info(f"Text encoder pretrained for {config.text_encoder_pretrain_steps} steps: caption reconstruction accuracy {accuracy:.1%}.")
         model_kwargs = {
             "sample_frames": config.data.get("num_frames", 16),
             "sample_height": config.data.get("height", 32),
@@ -361,10 +407,13 @@ def main(argv: list[str] | None = None) -> Path:
         transformer.add_adapter(
             LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, init_lora_weights="gaussian", target_modules=config.lora_target_modules)
         )
+    if not config.train_text_encoder:
+        text_encoder.requires_grad_(False)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
 
     module = TextToVideoModule(transformer, text_encoder)
+    frozen_text = [p for p in text_encoder.parameters() if not p.requires_grad] if not config.train_text_encoder else []
     trainable = [p for p in module.parameters() if p.requires_grad]
     if config.use_8bit_adam:
         import bitsandbytes as bnb
@@ -387,9 +436,11 @@ def main(argv: list[str] | None = None) -> Path:
     if config.resume_from_checkpoint and resume_path is None:
         logger.info(f"No checkpoint in {checkpoint_dir}; starting from scratch.")
     if resume_path is not None:
-        names = ["trainable", "optimizer", "lr_scheduler"] + (["ema"] if ema else [])
+        names = ["trainable", "optimizer", "lr_scheduler"] + (["ema"] if ema else []) + (["frozen_text_encoder"] if (resume_path / "frozen_text_encoder.json").is_file() else [])
         states, metadata = load_checkpoint(resume_path, names)
         for param, value in zip(trainable, states["trainable"]["params"]):
+            param.data.copy_(value)
+        for param, value in zip(frozen_text, states.get("frozen_text_encoder", {}).get("params", [])):
             param.data.copy_(value)
         optimizer.load_state_dict(states["optimizer"])
         lr_scheduler.load_state_dict(states["lr_scheduler"])
@@ -403,14 +454,14 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.init_trackers("chronos-video", config={k: v for k, v in flat.items() if v is not None})
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    num_items = frames.shape[0]
     unwrapped = accelerator.unwrap_model(module)
     progress = tqdm(range(config.max_train_steps), initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
     started = time.time()
+    validation_seconds = 0.0
     micro_step = global_step * config.gradient_accumulation_steps
     module.train()
     while global_step < config.max_train_steps:
-        indices = batch_indices(micro_step, config.train_batch_size, num_items, config.seed, rank, world)
+        indices = curriculum_batch_indices(config, micro_step, global_step, num_main_items, frames.shape[0], rank, world)
         step_rng = torch.Generator().manual_seed(config.seed * 7_919 + micro_step * world + rank)
         clip = frames[indices].permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
         batch_captions = [
@@ -455,11 +506,16 @@ def main(argv: list[str] | None = None) -> Path:
                 }
                 if ema:
                     states["ema"] = ema.state_dict()
+                if frozen_text:  # a pretrained, frozen encoder is part of the model too
+                    states["frozen_text_encoder"] = {"params": [p.detach() for p in frozen_text]}
                 path = save_checkpoint(checkpoint_dir, global_step, states, {"config": asdict(config)}, config.checkpoints_total_limit)
                 logger.info(f"Saved {path}")
             accelerator.wait_for_everyone()
         if config.validation_steps and global_step % config.validation_steps == 0 and accelerator.is_main_process:
-            log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, ema, trainable, global_step)
+            validation_started = time.time()
+            seconds_per_step = (validation_started - started - validation_seconds) / max(global_step - resumed_from_step, 1)
+            log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, ema, trainable, global_step, seconds_per_step)
+            validation_seconds += time.time() - validation_started
     train_seconds = time.time() - started
     progress.close()
 
@@ -472,23 +528,61 @@ def main(argv: list[str] | None = None) -> Path:
     return output_dir
 
 
-def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, ema, trainable, step):
-    """Samples the validation prompts with EMA weights and logs them as frame strips."""
+def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, ema, trainable, step, seconds_per_step):
+    """Samples the validation prompts with EMA weights and logs them as frame strips; with
+    `validation_num_prompts` / `validation_swap_gap_clips`, adds a learning-curve point."""
     if ema:
         ema.store(trainable)
         ema.copy_to(trainable)
     unwrapped.eval()
     pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, unwrapped.transformer, scheduler_config)
     pipe.set_progress_bar_config(disable=True)
-    videos = pipe(config.validation_prompts, num_inference_steps=config.eval_num_inference_steps, guidance_scale=config.eval_guidance_scale,
-                  generator=torch.Generator().manual_seed(0)).frames
+    videos = None
+    if config.validation_prompts:
+        videos = pipe(config.validation_prompts, num_inference_steps=config.eval_num_inference_steps, guidance_scale=config.eval_guidance_scale,
+                      generator=torch.Generator().manual_seed(0)).frames
+    metrics = learning_curve_point(pipe, config) if config.validation_num_prompts or config.validation_swap_gap_clips else {}
     unwrapped.train()
     if ema:
         ema.restore(trainable)
+    if metrics:
+        accelerator.log(metrics, step=step)
+        curve = Path(config.output_dir) / "logs" / "learning_curve.jsonl"
+        curve.parent.mkdir(parents=True, exist_ok=True)
+        with curve.open("a") as handle:
+            handle.write(json.dumps({"step": step, **metrics, "seconds_per_step": seconds_per_step}) + "\n")
+        logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
+        if tracker.name == "tensorboard" and videos is not None:
             strips = np.concatenate(list(videos), axis=1)  # (frames, prompts*H, W, C)
             tracker.writer.add_images("validation", strips, step, dataformats="NHWC")
+
+
+def learning_curve_point(pipe, config: TrainConfig) -> dict[str, float]:
+    """Oracle accuracy of sampled videos and caption swap gaps, on the clips the run trains on."""
+    from chronos_video.evaluation import caption_swap_loss_gaps
+    from chronos_video.evaluation.pipeline_eval import evaluate_pipeline, evaluation_prompts
+
+    metrics: dict[str, float] = {}
+    data_attributes = config.data.get("attributes")
+    if config.validation_num_prompts:
+        prompts = evaluation_prompts(config.validation_num_prompts, seed=config.seed, attributes=data_attributes)
+        scores, _ = evaluate_pipeline(
+            pipe, num_prompts=len(prompts), num_inference_steps=config.eval_num_inference_steps,
+            guidance_scale=config.eval_guidance_scale, seed=config.seed, prompts=prompts,
+        )
+        metrics.update({f"oracle/{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and k != "n"})
+    if config.validation_swap_gap_clips:
+        restricted = data_attributes or {}
+        fixed = {a for a, values in restricted.items() if isinstance(values, str) or len(values) == 1}
+        varying = [a for a in ATTRIBUTE_NAMES if a not in fixed]  # swapping a fixed attribute asks for clips never trained on
+        gaps = caption_swap_loss_gaps(
+            pipe, varying, num_clips=config.validation_swap_gap_clips, split=config.data.get("split", "train"), seed=config.seed,
+            start_spread=config.data.get("start_spread", 1.0), data_attributes=data_attributes,
+        )
+        metrics["swap_gap/loss_true"] = next(iter(gaps.values()))["loss_true"]
+        metrics.update({f"swap_gap/{a}": result["relative_gap"] for a, result in gaps.items()})
+    return metrics
 
 
 def finalize(

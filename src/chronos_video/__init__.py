@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from .models import ChronosAttention, ChronosMambaModel, NanoSoraTransformer3DModel
 from .pipelines import ChronosPipeline, FlowVideoPipeline, NanoSoraPipeline, VideoPipelineOutput
 from .schedulers import ChronosFlowMatchScheduler
-from .text import build_text_encoder, train_caption_tokenizer
+from .text import build_text_encoder, pretrain_text_encoder, train_caption_tokenizer
 
 __all__ = [
     "ChronosAttention",
@@ -21,5 +21,6 @@ __all__ = [
     "NanoSoraTransformer3DModel",
     "VideoPipelineOutput",
     "build_text_encoder",
+    "pretrain_text_encoder",
     "train_caption_tokenizer",
 ]

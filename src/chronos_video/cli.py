@@ -88,12 +88,24 @@ def _evaluate(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(scores, indent=2))
 
 
+def _start_spread(args: argparse.Namespace) -> float:
+    """The path placement to score on: the flag, else the one the pipeline was trained on."""
+    if args.start_spread is not None:
+        return args.start_spread
+    settings = Path(args.pipeline) / "training_config.json"
+    if settings.is_file():
+        return float(json.loads(settings.read_text()).get("data", {}).get("start_spread", 1.0))
+    return 1.0
+
+
 def _swap_gap(args: argparse.Namespace) -> None:
     from .evaluation import caption_swap_loss_gaps
 
     pipe = load_pipeline(args.pipeline, args.dtype)
     attributes = [name.strip() for name in args.attributes.split(",") if name.strip()]
-    results = caption_swap_loss_gaps(pipe, attributes, num_clips=args.num_clips, split=args.split, seed=args.seed)
+    results = caption_swap_loss_gaps(
+        pipe, attributes, num_clips=args.num_clips, split=args.split, seed=args.seed, start_spread=_start_spread(args),
+    )
     print("| attribute swapped | loss, true caption | loss gap | gap / loss |\n|---|---:|---:|---:|")
     for attribute, result in results.items():
         print(f"| {attribute} | {result['loss_true']:.4f} | {result['gap']:+.5f} | {100 * result['relative_gap']:+.1f}% |")
@@ -167,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--num-clips", type=int, default=64)
     swap.add_argument("--split", choices=["train", "heldout", "all"], default="train")
     swap.add_argument("--seed", type=int, default=0)
+    swap.add_argument(
+        "--start-spread", type=float, default=None,
+        help="where the scored clips' paths lie (0 centred, 1 anywhere); default: as the pipeline's training_config.json says, else 1",
+    )
     swap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     swap.add_argument("--json", default=None, help="also write the results to this JSON file")
     swap.set_defaults(func=_swap_gap)

@@ -99,3 +99,61 @@ def build_text_encoder(
         use_cache=False,
     )
     return T5EncoderModel(config)
+
+
+def pretrain_text_encoder(
+    text_encoder: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    captions: list[str],
+    num_steps: int = 300,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    text_pooling: str = "mean",
+) -> float:
+    """Teaches a freshly initialised encoder to tell every word of the captions apart, in order.
+
+    A text encoder trained from scratch *with* the video model only sharpens the words the video
+    model already uses: colours move the loss from the first steps, so their states grow apart,
+    while the direction words start nearly identical, the backbone cannot use them, and so they
+    never receive a gradient (measured: direction-word states 10x closer than colour-word states
+    after 1000 joint steps). Here the pooled state (`text_pooling` as the backbone pools it: the
+    masked mean, or the last state) must predict the token at every position through a throw-away
+    linear head, which needs no labels, takes seconds, and leaves every word and its position
+    linearly readable.
+
+    Returns the final token reconstruction accuracy (non-padding positions).
+    """
+    import torch
+
+    from .models.embeddings import check_text_pooling, pool_text_states
+
+    check_text_pooling(text_pooling)
+
+    if num_steps < 1 or batch_size < 1 or learning_rate <= 0:
+        raise ValueError("`num_steps`, `batch_size` and `learning_rate` must be positive.")
+    if not captions:
+        raise ValueError("`captions` is empty.")
+    generator = torch.Generator().manual_seed(seed)
+    length = tokenizer.model_max_length
+    vocab = len(tokenizer)
+    head = torch.nn.Linear(text_encoder.config.hidden_size, length * vocab)
+    parameters = [p for p in text_encoder.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
+    was_training = text_encoder.training
+    text_encoder.train()
+    accuracy = 0.0
+    for _ in range(num_steps):
+        picks = torch.randint(len(captions), (batch_size,), generator=generator).tolist()
+        batch = tokenizer([captions[i] for i in picks], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        mask = batch.attention_mask.bool()
+        states = text_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        pooled = pool_text_states(states, mask, text_pooling)
+        logits = head(pooled).view(-1, length, vocab)
+        loss = torch.nn.functional.cross_entropy(logits[mask], batch.input_ids[mask])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        accuracy = float((logits[mask].argmax(-1) == batch.input_ids[mask]).float().mean())
+    text_encoder.train(was_training)
+    return accuracy

@@ -427,13 +427,52 @@ def shapes_features(num_frames: int = 16, height: int = 32, width: int = 32):
     )
 
 
+def _check_start_spread(start_spread) -> float:
+    if isinstance(start_spread, bool) or not isinstance(start_spread, (int, float, np.floating)) or not 0.0 <= start_spread <= 1.0:
+        raise ValueError(f"`start_spread` must be a number in [0, 1], got {start_spread!r}.")
+    return float(start_spread)
+
+
+def _restricted_combinations(split: str, attributes: dict[str, Sequence[str]] | None) -> tuple[ShapeAttributes, ...]:
+    """The split's combinations, keeping only the values `attributes` allows per attribute name."""
+    combos = _SPLIT_COMBINATIONS[split]
+    if not attributes:
+        return combos
+    if not isinstance(attributes, dict):
+        raise ValueError(f"`attributes` must map attribute names to lists of values, got {type(attributes).__name__}.")
+    allowed = {}
+    for name, values in attributes.items():
+        if name not in _VOCABULARY:
+            raise ValueError(f"`attributes` has unknown attribute {name!r}; expected some of {list(ATTRIBUTE_NAMES)}.")
+        values = [values] if isinstance(values, str) else list(values)
+        unknown = [v for v in values if v not in _VOCABULARY[name]]
+        if not values or unknown:
+            raise ValueError(f"`attributes[{name!r}]` must be a non-empty list of {list(_VOCABULARY[name])}, got {values!r}.")
+        allowed[name] = set(values)
+    kept = tuple(a for a in combos if all(getattr(a, name) in values for name, values in allowed.items()))
+    if not kept:
+        raise ValueError(f"`attributes`={attributes!r} leaves no combination in split {split!r}.")
+    return kept
+
+
+def _place_starts(low: np.ndarray, high: np.ndarray, fraction: np.ndarray, start_spread: float) -> np.ndarray:
+    """Start centres from uniform draws in [0, 1): anywhere valid at spread 1, the middle at 0.
+
+    The middle of the valid range puts the midpoint of the path at the centre of the frame.
+    """
+    if start_spread == 1.0:  # bit-identical to datasets built before the option existed
+        return low + fraction * (high - low)
+    return low + (0.5 + start_spread * (fraction - 0.5)) * (high - low)
+
+
 def _iter_chunks(
-    num_clips: int, num_frames: int, height: int, width: int, split: str, seed: int, chunk_size: int
+    num_clips: int, num_frames: int, height: int, width: int, split: str, seed: int, chunk_size: int,
+    start_spread: float = 1.0, attributes: dict[str, Sequence[str]] | None = None,
 ) -> Iterator[dict]:
     """Columns of the dataset in chunks. All random draws happen up front, so the content depends
     only on the seed, never on the chunk size."""
     rng = np.random.default_rng(seed)
-    combos = _SPLIT_COMBINATIONS[split]
+    combos = _restricted_combinations(split, attributes)
     combo_index = rng.integers(len(combos), size=num_clips)
     template_index = rng.integers(len(CAPTION_TEMPLATES), size=num_clips)
     start_fraction = rng.random((num_clips, 2))
@@ -443,7 +482,7 @@ def _iter_chunks(
         bounds = [_start_range(a, num_frames, height, width) for a in attrs]
         low = np.stack([b[0] for b in bounds])
         high = np.stack([b[1] for b in bounds])
-        starts = low + start_fraction[begin:end] * (high - low)
+        starts = _place_starts(low, high, start_fraction[begin:end], start_spread)
         frames, centres = _render_batch(attrs, starts, num_frames, height, width)
         yield {
             "frames": frames,
@@ -461,6 +500,8 @@ def build_shapes_dataset(
     split: str = "train",
     seed: int = 0,
     chunk_size: int = 512,
+    start_spread: float = 1.0,
+    attributes: dict[str, Sequence[str]] | None = None,
 ):
     """Build a `datasets.Dataset` of procedural shapes clips.
 
@@ -468,6 +509,13 @@ def build_shapes_dataset(
     "centers" (Array2D float32, F x 2, `(x, y)` pixels). `split="train"` never contains a
     `HELDOUT_COMBINATIONS` match, `"heldout"` contains only those, `"all"` is unrestricted.
     The same arguments always give the same dataset.
+
+    `start_spread` sets where paths lie: starts are drawn from that fraction of the valid range,
+    centred on its middle, so 1.0 (default) places a path anywhere it fits and 0.0 centres every
+    path on the frame (its position then follows from the caption alone, which is what lets a
+    model learn which way to move early; see `benchmarks/motion_learnability.py`).
+    `attributes` keeps only some values, e.g. `{"color": ["white"], "size": ["large"]}` for
+    direction-rich clips.
 
     Frames are stored as uint8; note that `datasets`' numpy/torch formatting returns integer
     columns as int64, so cast back (`.astype(np.uint8)`) where memory matters.
@@ -480,10 +528,13 @@ def build_shapes_dataset(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
     chunk_size = _check_positive_int("chunk_size", chunk_size)
+    start_spread = _check_start_spread(start_spread)
     features = shapes_features(num_frames, height, width)
     parts = [
         datasets.Dataset.from_dict(columns, features=features)
-        for columns in _iter_chunks(num_clips, num_frames, height, width, split, int(seed), chunk_size)
+        for columns in _iter_chunks(
+            num_clips, num_frames, height, width, split, int(seed), chunk_size, start_spread, attributes
+        )
     ]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 

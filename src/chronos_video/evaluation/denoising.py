@@ -37,14 +37,16 @@ def _check_arguments(pipe, num_clips, batch_size, sigmas) -> list[float]:
     return sigmas
 
 
-def _shapes_clips(pipe, num_clips: int, split: str, seed: int) -> tuple[torch.Tensor, list[ShapeAttributes], list[str]]:
+def _shapes_clips(
+    pipe, num_clips: int, split: str, seed: int, start_spread: float = 1.0, attributes=None
+) -> tuple[torch.Tensor, list[ShapeAttributes], list[str]]:
     """Shapes clips at the backbone's training size as (N, 3, F, H, W) in [-1, 1], attributes, captions."""
     from ..data import build_shapes_dataset
 
     config = pipe.transformer.config
     dataset = build_shapes_dataset(
         num_clips, num_frames=config.sample_frames, height=config.sample_height, width=config.sample_width,
-        split=split, seed=seed,
+        split=split, seed=seed, start_spread=start_spread, attributes=attributes,
     )
     frames = np.asarray(dataset.with_format("numpy")["frames"]).astype(np.uint8)
     clips = torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
@@ -126,15 +128,20 @@ def caption_swap_loss_gaps(
     seed: int = 0,
     batch_size: int = 16,
     max_sequence_length: int | None = None,
+    start_spread: float = 1.0,
+    data_attributes: dict[str, Sequence[str]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """`caption_swap_loss_gap` for several attributes, rendering the clips and scoring the true
-    captions once. Returns `{attribute: result}`."""
+    captions once. Returns `{attribute: result}`.
+
+    `start_spread` and `data_attributes` are passed to `build_shapes_dataset`, so a model is scored
+    on clips placed and restricted the way it was trained."""
     attributes = list(attributes)
     unknown = [a for a in attributes if a not in ATTRIBUTE_NAMES]
     if not attributes or unknown:
         raise ValueError(f"`attribute` must be one of {list(ATTRIBUTE_NAMES)}, got {unknown or attributes!r}.")
     sigmas = _check_arguments(pipe, num_clips, batch_size, sigmas)
-    clips, clip_attributes, _ = _shapes_clips(pipe, num_clips, split, seed)
+    clips, clip_attributes, _ = _shapes_clips(pipe, num_clips, split, seed, start_spread, data_attributes)
     noise = torch.randn((len(sigmas), *clips.shape), generator=torch.Generator().manual_seed(seed))
 
     def mean_errors(captions: list[str]) -> torch.Tensor:

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..data import heldout_prompts
+from ..data.shapes import ShapeAttributes, _restricted_combinations
 from .oracle import ShapesOracle, format_oracle_table
+
+
+def evaluation_prompts(
+    num_prompts: int, seed: int = 0, attributes: dict[str, Sequence[str]] | None = None
+) -> list[tuple[str, ShapeAttributes]]:
+    """Prompts to score a model on: held-out combinations, or those a restricted training set allows.
+
+    With `attributes` (the training data's restriction, e.g. one colour, shape, size and speed so
+    that only the direction varies) the prompts cycle through every allowed combination, so all
+    directions are scored equally; otherwise they are `heldout_prompts(num_prompts, seed)`.
+    """
+    if not attributes:
+        return heldout_prompts(num_prompts, seed=seed)
+    combos = _restricted_combinations("all", attributes)
+    order = np.random.default_rng(seed).permutation(len(combos))
+    return [(combos[order[i % len(combos)]].caption(), combos[order[i % len(combos)]]) for i in range(num_prompts)]
 
 
 def evaluate_pipeline(
@@ -18,18 +35,21 @@ def evaluate_pipeline(
     guidance_scale: float = 4.0,
     seed: int = 0,
     batch_size: int = 8,
+    prompts: Sequence[tuple[str, ShapeAttributes]] | None = None,
     **pipeline_kwargs: Any,
 ) -> tuple[dict[str, float], str]:
     """Generates one video per held-out prompt and returns (oracle scores, markdown table).
 
     Prompts come from `heldout_prompts`, i.e. attribute combinations excluded from training,
-    so the score measures compositional generalisation, not memorisation.
+    so the score measures compositional generalisation, not memorisation. Pass `prompts`
+    (caption, attributes) pairs, e.g. from `evaluation_prompts`, to score others.
     """
     if num_prompts < 1:
         raise ValueError(f"`num_prompts` must be >= 1, got {num_prompts}.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    prompts = heldout_prompts(num_prompts, seed=seed)
+    label = "generated (held-out prompts)" if prompts is None else "generated"
+    prompts = list(prompts) if prompts is not None else heldout_prompts(num_prompts, seed=seed)
     videos: list[np.ndarray] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -45,4 +65,4 @@ def evaluate_pipeline(
         videos.extend(list(output.frames))
     height, width = videos[0].shape[1:3]
     scores = ShapesOracle(height=height, width=width).score(videos, [attrs for _, attrs in prompts])
-    return scores, format_oracle_table({"generated (held-out prompts)": scores})
+    return scores, format_oracle_table({label: scores})

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_3d_sincos_pos_embed
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_1d_sincos_pos_embed_from_grid, get_3d_sincos_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 
@@ -127,6 +127,29 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
+TEXT_POOLING_MODES: tuple[str, ...] = ("mean", "last")
+
+
+def check_text_pooling(text_pooling: str) -> None:
+    if text_pooling not in TEXT_POOLING_MODES:
+        raise ValueError(f"`text_pooling` must be one of {list(TEXT_POOLING_MODES)}, got {text_pooling!r}.")
+
+
+def pool_text_states(tokens: torch.Tensor, mask: torch.Tensor | None, text_pooling: str = "mean") -> torch.Tensor:
+    """One vector per caption: the masked mean of the states, or the last non-padding state.
+
+    "last" is CLIP's pooled output (the [EOS] state of a causal encoder, which has read every word
+    in order); a mean of states, like cross-attention over a set of keys, is dominated by which
+    words occur, so "left to right" and "right to left" look alike to it.
+    """
+    if text_pooling == "mean":
+        return masked_mean(tokens, mask)
+    if mask is None:
+        return tokens[:, -1]
+    last = mask.long().sum(dim=1).clamp_min(1) - 1
+    return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+
+
 class TextConditioning(nn.Module):
     """Projects any text encoder's hidden states to the model width and pools them.
 
@@ -134,14 +157,46 @@ class TextConditioning(nn.Module):
     transformers encoder: only `text_embed_dim` has to match.
     """
 
-    def __init__(self, text_embed_dim: int, hidden_size: int):
+    def __init__(self, text_embed_dim: int, hidden_size: int, text_pooling: str = "mean"):
         super().__init__()
+        check_text_pooling(text_pooling)
+        self.text_pooling = text_pooling
         self.proj = nn.Sequential(nn.Linear(text_embed_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size))
         self.pooled = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, encoder_hidden_states: torch.Tensor, mask: torch.Tensor | None):
         tokens = self.proj(encoder_hidden_states)
-        return tokens, self.pooled(masked_mean(tokens, mask))
+        return tokens, self.pooled(pool_text_states(tokens, mask, self.text_pooling))
+
+
+class FrameConditioning(nn.Module):
+    """Adds to every token a learned function of (conditioning vector, the token's latent frame index).
+
+    Where an object is at frame t depends on the prompt *and* t ("left to right": left early, right
+    late). With one conditioning vector for the whole clip the backbone must learn that as a
+    three-way product of text, time and place, and on the shapes data it does not within thousands
+    of steps, while colour and size (text times place) come quickly. This MLP sees the text and the
+    frame index together, so each frame's tokens start from "what this prompt wants at this time"
+    and only the text-time-place step remains two-way. The last layer is zero-initialised, so a model
+    starts exactly as it would without it.
+    """
+
+    def __init__(self, hidden_size: int, frequency_dim: int = 32):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(hidden_size + frequency_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int, int], conditioning: torch.Tensor) -> torch.Tensor:
+        frames = grid[0]
+        positions = torch.arange(frames, dtype=torch.float64)
+        frame_features = get_1d_sincos_pos_embed_from_grid(self.frequency_dim, positions, output_type="pt")
+        frame_features = frame_features.to(device=tokens.device, dtype=conditioning.dtype)
+        batch = conditioning.shape[0]
+        inputs = torch.cat([conditioning[:, None].expand(batch, frames, -1), frame_features[None].expand(batch, -1, -1)], dim=-1)
+        per_frame = self.mlp(inputs).to(tokens.dtype)  # (B, F', D)
+        return (tokens.view(batch, frames, -1, tokens.shape[-1]) + per_frame[:, :, None]).view_as(tokens)
 
 
 class TimestepConditioning(nn.Module):
@@ -211,6 +266,26 @@ class InputSkip(nn.Linear):
         return output + super().forward(conditioning)[:, :, None, None, None] * hidden_states
 
 
+PREDICTION_TYPES: tuple[str, ...] = ("velocity", "sample")
+# Smallest sigma the sample-to-velocity conversion divides by (JiT clamps the same way).
+SAMPLE_PREDICTION_MIN_SIGMA = 0.05
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"`prediction_type` must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}.")
+
+
+def sample_to_velocity(sample: torch.Tensor, noisy: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """v = (z - x0) / sigma with sigma = timestep / 1000, clamped away from zero, computed in float32.
+
+    A backbone that predicts the clean sample (JiT) still returns a velocity, so the sampler, the
+    training loss (on v), the swap gap, calibration and constraint transport need no branch.
+    """
+    sigma = (timestep.float() / 1000.0).clamp_min(SAMPLE_PREDICTION_MIN_SIGMA).view(-1, *([1] * (noisy.ndim - 1)))
+    return ((noisy.float() - sample.float()) / sigma).to(noisy.dtype)
+
+
 def check_video_input(hidden_states: torch.Tensor, in_channels: int, patch_size: tuple[int, int, int]) -> None:
     """Fails early, naming the argument, instead of deep inside a Conv3d."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 5:
@@ -260,6 +335,8 @@ class VideoBackboneMixin:
         text_mask = prepare_text_mask(encoder_attention_mask, batch, encoder_hidden_states.shape[1], tokens.device)
         text_tokens, pooled_text = self.text_embed(encoder_hidden_states.to(tokens.dtype), text_mask)
         conditioning = self.time_embed(timestep, tokens.dtype) + pooled_text
+        if getattr(self, "frame_embed", None) is not None:
+            tokens = self.frame_embed(tokens, grid, conditioning)
         return tokens, grid, timestep, conditioning, text_tokens, text_mask
 
     def run_blocks(self, tokens: torch.Tensor, *block_args) -> torch.Tensor:
@@ -270,10 +347,13 @@ class VideoBackboneMixin:
                 tokens = block(tokens, *block_args)
         return tokens
 
-    def velocity_output(self, tokens, grid, conditioning, hidden_states, return_dict: bool):
+    def velocity_output(self, tokens, grid, conditioning, hidden_states, timestep, return_dict: bool):
+        """The head's output as a velocity: directly, or converted from a clean-sample prediction."""
         output = unpatchify(self.final_layer(tokens, conditioning), grid, self.patch_size, self.out_channels)
         if self.skip_scale is not None:
             output = self.skip_scale(output, hidden_states, conditioning)
+        if self.config.get("prediction_type", "velocity") == "sample":
+            output = sample_to_velocity(output, hidden_states, timestep)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

@@ -47,6 +47,7 @@ from .attention import ChronosAttention
 from .embeddings import (
     AdaLNFinalLayer,
     AdaLNZero,
+    FrameConditioning,
     InputSkip,
     TextConditioning,
     TimestepConditioning,
@@ -55,6 +56,7 @@ from .embeddings import (
     _as_triple,
     apply_rotary,
     check_absolute_pos_embed,
+    check_prediction_type,
     modulate,
     rope_angles_3d,
 )
@@ -319,6 +321,13 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin, VideoBackbone
             velocity (`InputSkip`, shared with Nano-Sora); zero-initialised.
         absolute_pos_embed: add diffusers' fixed 3D sin-cos position embedding to the tokens, so the
             model knows absolute place and time as well as RoPE's relative offsets.
+        text_pooling: how the text states become the AdaLN conditioning vector: "mean" over the
+            tokens, or "last" (the [EOS] state, CLIP's pooled output; order-aware with a causal encoder).
+        frame_conditioning: add a learned function of (text + timestep conditioning, latent frame
+            index) to each frame's tokens (`FrameConditioning`), so motion words can act per frame.
+        prediction_type: "velocity" (the head predicts noise - x0) or "sample" (it predicts the clean
+            video x0, as JiT recommends for high-dimensional pixel tokens; `forward` still returns the
+            velocity (z - x0) / sigma, so sampling and the loss are unchanged).
 
     Attributes:
         last_gate_stats: after each forward, {"mode": "off" | "soft" | "gather" | "mask",
@@ -365,16 +374,21 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin, VideoBackbone
         gate_noise_floor: bool = True,
         input_skip: bool = False,
         absolute_pos_embed: bool = False,
+        prediction_type: str = "velocity",
+        frame_conditioning: bool = False,
+        text_pooling: str = "mean",
     ):
         super().__init__()
         check_absolute_pos_embed(absolute_pos_embed, hidden_size)
+        check_prediction_type(prediction_type)
         self._check_config(hidden_size, num_layers, state_size, expand, conv_kernel_size, num_scan_orders, complex_state,
                            use_rope, text_conditioning, mlp_ratio, gate_temperature, time_step_min, time_step_max)
         self.patch_size = _as_triple(patch_size, "patch_size")
         self.out_channels = out_channels or in_channels
         self.patch_embed = TubeletEmbed(in_channels, hidden_size, self.patch_size)
         self.time_embed = TimestepConditioning(hidden_size)
-        self.text_embed = TextConditioning(text_embed_dim, hidden_size)
+        self.text_embed = TextConditioning(text_embed_dim, hidden_size, text_pooling)
+        self.frame_embed = FrameConditioning(hidden_size) if frame_conditioning else None
         mixer_kwargs = dict(state_size=state_size, expand=expand, conv_kernel_size=conv_kernel_size, time_step_rank=time_step_rank,
                             time_step_min=time_step_min, time_step_max=time_step_max, num_scan_orders=num_scan_orders,
                             complex_state=complex_state, use_rope=use_rope)
@@ -530,4 +544,4 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin, VideoBackbone
         )
         route = self._build_route(hidden_states, timestep, grid, text_mask)
         tokens = self.run_blocks(tokens, conditioning, text_tokens, text_mask, route)
-        return self.velocity_output(tokens, grid, conditioning, hidden_states, return_dict)
+        return self.velocity_output(tokens, grid, conditioning, hidden_states, timestep, return_dict)

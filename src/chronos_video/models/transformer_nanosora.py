@@ -17,6 +17,7 @@ from .attention import ChronosAttention
 from .embeddings import (
     AdaLNFinalLayer,
     AdaLNZero,
+    FrameConditioning,
     InputSkip,
     TextConditioning,
     TimestepConditioning,
@@ -24,6 +25,7 @@ from .embeddings import (
     VideoBackboneMixin,
     _as_triple,
     check_absolute_pos_embed,
+    check_prediction_type,
     modulate,
     rope_angles_3d,
 )
@@ -65,6 +67,13 @@ class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Vide
             velocity (`InputSkip`); zero-initialised, so it starts as the plain DiT.
         absolute_pos_embed: add diffusers' fixed 3D sin-cos position embedding to the tokens, so the
             model knows absolute place and time as well as RoPE's relative offsets.
+        text_pooling: how the text states become the AdaLN conditioning vector: "mean" over the
+            tokens, or "last" (the [EOS] state, CLIP's pooled output; order-aware with a causal encoder).
+        frame_conditioning: add a learned function of (text + timestep conditioning, latent frame
+            index) to each frame's tokens (`FrameConditioning`), so motion words can act per frame.
+        prediction_type: "velocity" (the head predicts noise - x0) or "sample" (it predicts the clean
+            video x0, as JiT recommends for high-dimensional pixel tokens; `forward` still returns the
+            velocity (z - x0) / sigma, so sampling and the loss are unchanged).
     """
 
     _supports_gradient_checkpointing = True
@@ -90,14 +99,19 @@ class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Vide
         rope_theta: float = 10000.0,
         input_skip: bool = False,
         absolute_pos_embed: bool = False,
+        prediction_type: str = "velocity",
+        frame_conditioning: bool = False,
+        text_pooling: str = "mean",
     ):
         super().__init__()
         check_absolute_pos_embed(absolute_pos_embed, hidden_size)
+        check_prediction_type(prediction_type)
         self.patch_size = _as_triple(patch_size, "patch_size")
         self.out_channels = out_channels or in_channels
         self.patch_embed = TubeletEmbed(in_channels, hidden_size, self.patch_size)
         self.time_embed = TimestepConditioning(hidden_size)
-        self.text_embed = TextConditioning(text_embed_dim, hidden_size)
+        self.text_embed = TextConditioning(text_embed_dim, hidden_size, text_pooling)
+        self.frame_embed = FrameConditioning(hidden_size) if frame_conditioning else None
         self.blocks = nn.ModuleList(
             [NanoSoraBlock(hidden_size, num_attention_heads, num_kv_heads, mlp_ratio, qk_norm) for _ in range(num_layers)]
         )
@@ -118,10 +132,10 @@ class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Vide
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predicts the flow velocity (noise - x0) of `hidden_states` (B, C, F, H, W) at `timestep` (0..1000)."""
-        tokens, grid, _, conditioning, text_tokens, text_mask = self.embed_inputs(
+        tokens, grid, timestep, conditioning, text_tokens, text_mask = self.embed_inputs(
             hidden_states, timestep, encoder_hidden_states, encoder_attention_mask
         )
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         rotary_angles = rope_angles_3d(grid, head_dim, self.config.rope_theta, device=tokens.device)
         tokens = self.run_blocks(tokens, conditioning, text_tokens, text_mask, rotary_angles)
-        return self.velocity_output(tokens, grid, conditioning, hidden_states, return_dict)
+        return self.velocity_output(tokens, grid, conditioning, hidden_states, timestep, return_dict)
