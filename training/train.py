@@ -36,9 +36,11 @@ from diffusers.training_utils import EMAModel, compute_loss_weighting_for_sd3
 from tqdm.auto import tqdm
 
 from chronos_video import ChronosFlowMatchScheduler, build_text_encoder, pretrain_text_encoder, train_caption_tokenizer
-from chronos_video.data import ATTRIBUTE_NAMES, build_shapes_dataset
+from chronos_video.data import build_shapes_dataset
+from chronos_video.evaluation.pipeline_eval import learning_curve_metrics
 from chronos_video.registry import get_architecture
 from chronos_video.training_utils import (
+    curriculum_batch_indices,
     load_checkpoint,
     rectified_flow_inputs,
     resolve_checkpoint,
@@ -246,30 +248,6 @@ def load_training_frames(config: TrainConfig, overrides: dict[str, Any] | None =
     return torch.from_numpy(frames), list(dataset["caption"])
 
 
-def batch_indices(step: int, batch_size: int, num_items: int, seed: int, rank: int, world: int) -> torch.Tensor:
-    """Indices of micro-batch `step` on `rank`: a pure function of (seed, step), so resume is exact."""
-    global_batch = batch_size * world
-    per_epoch = max(num_items // global_batch, 1)
-    epoch, position = divmod(step, per_epoch)
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    start = position * global_batch + rank * batch_size
-    return order[start : start + batch_size]
-
-
-def curriculum_batch_indices(config: TrainConfig, micro_step: int, step: int, num_main: int, num_items: int, rank: int, world: int) -> torch.Tensor:
-    """Batch indices over the main clips (first `num_main`) and the curriculum clips after them."""
-    batch = config.train_batch_size
-    if not config.curriculum_data:
-        return batch_indices(micro_step, batch, num_main, config.seed, rank, world)
-    num_extra = batch if step < config.curriculum_steps else round(config.curriculum_mix * batch)
-    parts = []
-    if batch - num_extra:
-        parts.append(batch_indices(micro_step, batch - num_extra, num_main, config.seed, rank, world))
-    if num_extra:
-        parts.append(num_main + batch_indices(micro_step, num_extra, num_items - num_main, config.seed + 1, rank, world))
-    return torch.cat(parts)
-
-
 def build_pipeline(architecture, tokenizer, text_encoder, transformer, scheduler_config: dict[str, Any]):
     return architecture.pipeline_class(
         tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=ChronosFlowMatchScheduler(**scheduler_config)
@@ -461,7 +439,11 @@ def main(argv: list[str] | None = None) -> Path:
     micro_step = global_step * config.gradient_accumulation_steps
     module.train()
     while global_step < config.max_train_steps:
-        indices = curriculum_batch_indices(config, micro_step, global_step, num_main_items, frames.shape[0], rank, world)
+        indices = curriculum_batch_indices(
+            micro_step, global_step, config.train_batch_size, num_main_items, frames.shape[0], config.seed, rank, world,
+            curriculum_steps=config.curriculum_steps if config.curriculum_data else 0,
+            curriculum_mix=config.curriculum_mix if config.curriculum_data else 0.0,
+        )
         step_rng = torch.Generator().manual_seed(config.seed * 7_919 + micro_step * world + rank)
         clip = frames[indices].permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
         batch_captions = [
@@ -541,7 +523,12 @@ def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_co
     if config.validation_prompts:
         videos = pipe(config.validation_prompts, num_inference_steps=config.eval_num_inference_steps, guidance_scale=config.eval_guidance_scale,
                       generator=torch.Generator().manual_seed(0)).frames
-    metrics = learning_curve_point(pipe, config) if config.validation_num_prompts or config.validation_swap_gap_clips else {}
+    metrics = {}
+    if config.validation_num_prompts or config.validation_swap_gap_clips:
+        metrics = learning_curve_metrics(
+            pipe, config.data, num_prompts=config.validation_num_prompts, num_clips=config.validation_swap_gap_clips,
+            num_inference_steps=config.eval_num_inference_steps, guidance_scale=config.eval_guidance_scale, seed=config.seed,
+        )
     unwrapped.train()
     if ema:
         ema.restore(trainable)
@@ -556,33 +543,6 @@ def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_co
         if tracker.name == "tensorboard" and videos is not None:
             strips = np.concatenate(list(videos), axis=1)  # (frames, prompts*H, W, C)
             tracker.writer.add_images("validation", strips, step, dataformats="NHWC")
-
-
-def learning_curve_point(pipe, config: TrainConfig) -> dict[str, float]:
-    """Oracle accuracy of sampled videos and caption swap gaps, on the clips the run trains on."""
-    from chronos_video.evaluation import caption_swap_loss_gaps
-    from chronos_video.evaluation.pipeline_eval import evaluate_pipeline, evaluation_prompts
-
-    metrics: dict[str, float] = {}
-    data_attributes = config.data.get("attributes")
-    if config.validation_num_prompts:
-        prompts = evaluation_prompts(config.validation_num_prompts, seed=config.seed, attributes=data_attributes)
-        scores, _ = evaluate_pipeline(
-            pipe, num_prompts=len(prompts), num_inference_steps=config.eval_num_inference_steps,
-            guidance_scale=config.eval_guidance_scale, seed=config.seed, prompts=prompts,
-        )
-        metrics.update({f"oracle/{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and k != "n"})
-    if config.validation_swap_gap_clips:
-        restricted = data_attributes or {}
-        fixed = {a for a, values in restricted.items() if isinstance(values, str) or len(values) == 1}
-        varying = [a for a in ATTRIBUTE_NAMES if a not in fixed]  # swapping a fixed attribute asks for clips never trained on
-        gaps = caption_swap_loss_gaps(
-            pipe, varying, num_clips=config.validation_swap_gap_clips, split=config.data.get("split", "train"), seed=config.seed,
-            start_spread=config.data.get("start_spread", 1.0), data_attributes=data_attributes,
-        )
-        metrics["swap_gap/loss_true"] = next(iter(gaps.values()))["loss_true"]
-        metrics.update({f"swap_gap/{a}": result["relative_gap"] for a, result in gaps.items()})
-    return metrics
 
 
 def finalize(

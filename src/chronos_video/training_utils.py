@@ -159,3 +159,31 @@ def rectified_flow_inputs(x0: torch.Tensor, sigmas: torch.Tensor, noise: torch.T
     """x_t = (1 - sigma) x0 + sigma * noise and the velocity target noise - x0 (diffusers' convention)."""
     view = sigmas.view(-1, *([1] * (x0.ndim - 1)))
     return (1 - view) * x0 + view * noise, noise - x0
+
+
+def batch_indices(step: int, batch_size: int, num_items: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """Indices of micro-batch `step` on `rank`: a pure function of (seed, step), so resume is exact."""
+    global_batch = batch_size * world
+    per_epoch = max(num_items // global_batch, 1)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    start = position * global_batch + rank * batch_size
+    return order[start : start + batch_size]
+
+
+def curriculum_batch_indices(
+    micro_step: int, step: int, batch_size: int, num_main: int, num_items: int, seed: int, rank: int, world: int,
+    curriculum_steps: int = 0, curriculum_mix: float = 0.0,
+) -> torch.Tensor:
+    """Batch indices over the main items (the first `num_main`) and the curriculum items after them.
+
+    The curriculum fills whole batches for the first `curriculum_steps` optimiser steps and a
+    `curriculum_mix` share of each batch afterwards; with neither, this is `batch_indices` on the main items.
+    """
+    num_extra = batch_size if step < curriculum_steps else round(curriculum_mix * batch_size)
+    parts = []
+    if batch_size - num_extra:
+        parts.append(batch_indices(micro_step, batch_size - num_extra, num_main, seed, rank, world))
+    if num_extra:
+        parts.append(num_main + batch_indices(micro_step, num_extra, num_items - num_main, seed + 1, rank, world))
+    return torch.cat(parts)

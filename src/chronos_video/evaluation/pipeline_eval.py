@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..data import heldout_prompts
-from ..data.shapes import ShapeAttributes, _restricted_combinations
+from ..data.shapes import ATTRIBUTE_NAMES, ShapeAttributes, _restricted_combinations
 from .oracle import ShapesOracle, format_oracle_table
 
 
@@ -25,7 +25,8 @@ def evaluation_prompts(
         return heldout_prompts(num_prompts, seed=seed)
     combos = _restricted_combinations("all", attributes)
     order = np.random.default_rng(seed).permutation(len(combos))
-    return [(combos[order[i % len(combos)]].caption(), combos[order[i % len(combos)]]) for i in range(num_prompts)]
+    chosen = [combos[order[i % len(combos)]] for i in range(num_prompts)]
+    return [(attrs.caption(), attrs) for attrs in chosen]
 
 
 def evaluate_pipeline(
@@ -66,3 +67,41 @@ def evaluate_pipeline(
     height, width = videos[0].shape[1:3]
     scores = ShapesOracle(height=height, width=width).score(videos, [attrs for _, attrs in prompts])
     return scores, format_oracle_table({label: scores})
+
+
+def learning_curve_metrics(
+    pipe,
+    data: dict[str, Any],
+    num_prompts: int = 32,
+    num_clips: int = 32,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """One learning-curve point on the clips a run trains on (`data`: its `build_shapes_dataset` settings).
+
+    `oracle/<attribute>`: accuracy of `num_prompts` sampled videos (`evaluation_prompts`);
+    `swap_gap/<attribute>`: relative caption swap gaps on `num_clips` clips placed as in training, for
+    every attribute the data lets vary; `swap_gap/loss_true`. Either part is skipped when its count is 0.
+    """
+    from .denoising import caption_swap_loss_gaps
+
+    metrics: dict[str, float] = {}
+    restricted = data.get("attributes") or {}
+    if num_prompts:
+        prompts = evaluation_prompts(num_prompts, seed=seed, attributes=restricted)
+        scores, _ = evaluate_pipeline(
+            pipe, num_prompts=len(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            seed=seed, prompts=prompts,
+        )
+        metrics.update({f"oracle/{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and k != "n"})
+    if num_clips:
+        fixed = {a for a, values in restricted.items() if isinstance(values, str) or len(values) == 1}
+        varying = [a for a in ATTRIBUTE_NAMES if a not in fixed]  # swapping a fixed attribute asks for clips never trained on
+        gaps = caption_swap_loss_gaps(
+            pipe, varying, num_clips=num_clips, split=data.get("split", "train"), seed=seed,
+            start_spread=data.get("start_spread", 1.0), data_attributes=restricted or None,
+        )
+        metrics["swap_gap/loss_true"] = next(iter(gaps.values()))["loss_true"]
+        metrics.update({f"swap_gap/{a}": result["relative_gap"] for a, result in gaps.items()})
+    return metrics

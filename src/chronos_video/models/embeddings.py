@@ -169,6 +169,12 @@ class TextConditioning(nn.Module):
         return tokens, self.pooled(pool_text_states(tokens, mask, self.text_pooling))
 
 
+@functools.lru_cache(maxsize=16)
+def _frame_table(frames: int, dim: int) -> torch.Tensor:
+    """Sin-cos features of the latent frame indices, computed once: every sampling step asks again."""
+    return get_1d_sincos_pos_embed_from_grid(dim, torch.arange(frames, dtype=torch.float64), output_type="pt")
+
+
 class FrameConditioning(nn.Module):
     """Adds to every token a learned function of (conditioning vector, the token's latent frame index).
 
@@ -190,9 +196,7 @@ class FrameConditioning(nn.Module):
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int, int], conditioning: torch.Tensor) -> torch.Tensor:
         frames = grid[0]
-        positions = torch.arange(frames, dtype=torch.float64)
-        frame_features = get_1d_sincos_pos_embed_from_grid(self.frequency_dim, positions, output_type="pt")
-        frame_features = frame_features.to(device=tokens.device, dtype=conditioning.dtype)
+        frame_features = _frame_table(frames, self.frequency_dim).to(device=tokens.device, dtype=conditioning.dtype)
         batch = conditioning.shape[0]
         inputs = torch.cat([conditioning[:, None].expand(batch, frames, -1), frame_features[None].expand(batch, -1, -1)], dim=-1)
         per_frame = self.mlp(inputs).to(tokens.dtype)  # (B, F', D)
