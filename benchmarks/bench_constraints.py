@@ -1,4 +1,4 @@
-"""H1 (seed 002): does constraint transport meet keyframe / region constraints better than the baselines?
+"""H1: does constraint transport meet keyframe / region constraints better than the baselines?
 
     python benchmarks/bench_constraints.py [--pipeline pipelines/nano-sora-shapes] [--num_prompts 12]
         [--steps 20] [--epsilon 0.05] [--threads 1]
@@ -71,7 +71,7 @@ def load(path: str):
 
 
 def video_size(pipe) -> tuple[int, int, int]:
-    return pipe._default_size()
+    return pipe.default_size
 
 
 def real_clip(attrs, num_frames: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:

@@ -1,4 +1,4 @@
-"""H2 (seed 002): do precision schedules keep quality while running most of the work at <= 8 bits?
+"""H2: do precision schedules keep quality while running most of the work at <= 8 bits?
 
     python benchmarks/bench_precision.py [--pipeline pipelines/nano-sora-shapes] [--num_prompts 12]
         [--calib_prompts 8] [--steps 20] [--budget 0.5] [--threads 1]
@@ -6,8 +6,8 @@
 Schedules (all emulated: exact quantize-dequantize grids on CPU, so quality is measured, speed is not):
 
 * full precision   no switching (fp32)
-* seed             the seed's table: NVFP4 for sigma > 0.8, FP16 for 0.4-0.8, FP8 below 0.4
-* seed_entropy     the seed's entropy gate: histogram entropy H(z_t) < 4 bits NVFP4, < 8 FP16, else FP8
+* seed             `PrecisionSchedule.preset("seed")`, a sigma table: NVFP4 for sigma > 0.8, FP16 for 0.4-0.8, FP8 below 0.4
+* seed_entropy     `PrecisionSchedule.preset("seed_entropy")`, an entropy gate: histogram entropy H(z_t) < 4 bits NVFP4, < 8 FP16, else FP8
 * sigma            precision rising toward the end: NVFP4 > 0.8, FP8 0.4-0.8, BF16 below
 * calibrated       `calibrate_pipeline` on training-split prompts (not the evaluation prompts), budget:
                    at least `--budget` of the quantizable MACs in FP8/NVFP4; stored in the scheduler
@@ -25,7 +25,7 @@ norms, the timestep/modulation path and the output projection always stay full p
 Also printed: the Spearman correlation between the profiler's predicted per-layer error and the
 measured per-layer velocity error on this model, native FP8 vs BF16 wall-clock when a CUDA GPU of
 compute capability >= 8.9 is present (else why it was skipped), and the histogram entropy of z_t
-along the full-precision sampling trajectory against sigma, to test the seed's claim that entropy
+along the full-precision sampling trajectory against sigma, to test the premise of the entropy gate that entropy
 tracks the noise level monotonically. Single-threaded by default (the machine is shared).
 """
 
@@ -133,8 +133,8 @@ def native_timing(pipe, prompts, steps, guidance, repeats: int = 3) -> str:
     from chronos_video.precision import PrecisionSchedule
 
     pipe.to("cuda")
-    backend = pipe.scheduler.config.get("precision_backend", "emulate")
-    pipe.scheduler.register_to_config(precision_backend="native")
+    backend = pipe.config.get("precision_backend") or "emulate"
+    pipe.register_to_config(precision_backend="native")
     rows = []
     try:
         for label, precision in (("fp32 (no switching)", None), ("bf16", PrecisionSchedule([], default_gauge="bf16", name="bf16")),
@@ -149,7 +149,7 @@ def native_timing(pipe, prompts, steps, guidance, repeats: int = 3) -> str:
                 times.append(time.perf_counter() - start)
             rows.append((label, min(times)))
     finally:
-        pipe.scheduler.register_to_config(precision_backend=backend)
+        pipe.register_to_config(precision_backend=backend)
         pipe.to("cpu")
     base = dict(rows)["bf16"]
     lines = [f"Native wall-clock on {name} (batch {len(prompts)}, {steps} steps, best of {repeats}):", "",
@@ -162,6 +162,7 @@ def native_timing(pipe, prompts, steps, guidance, repeats: int = 3) -> str:
 def entropy_trajectory(pipe, prompts, steps, guidance, seed) -> tuple[list[float], dict[str, np.ndarray]]:
     """Histogram (256 bins) / differential-histogram entropy and Haar wavelet energy of z_t at each model call."""
     from chronos_video.precision import estimate_entropy
+    from chronos_video.schedulers import current_sigmas
 
     records: list[tuple[float, torch.Tensor]] = []
 
@@ -169,7 +170,7 @@ def entropy_trajectory(pipe, prompts, steps, guidance, seed) -> tuple[list[float
         latents = kwargs["hidden_states"]
         if pipe.do_classifier_free_guidance:
             latents = latents.chunk(2)[1]
-        records.append((float(pipe.scheduler.current_sigmas()[0]), latents.detach().float().clone()))
+        records.append((float(current_sigmas(pipe.scheduler)[0]), latents.detach().float().clone()))
 
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     pipe = load(args.pipeline)
-    num_frames, height, width = pipe._default_size()
+    num_frames, height, width = pipe.default_size
     held_out = heldout_prompts(args.num_prompts, seed=args.seed)
     prompts, labels = [p for p, _ in held_out], [a for _, a in held_out]
     print(f"## H2: precision schedules ({args.pipeline})\n")

@@ -1,4 +1,4 @@
-"""H3 (seed 002): does constraint transport preserve high-frequency content over long rollouts?
+"""H3: does constraint transport preserve high-frequency content over long rollouts?
 
     python benchmarks/bench_wavefront.py [--pipeline pipelines/nano-sora-shapes] [--num_prompts 4]
         [--rollouts 8] [--steps 20] [--threads 1]
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     from chronos_video.data import heldout_prompts
 
     pipe = load(args.pipeline)
-    num_frames, height, width = pipe._default_size()
+    num_frames, height, width = pipe.default_size
     prompts = heldout_prompts(args.num_prompts, seed=args.seed)
     print(f"## H3: high-frequency energy over long rollouts ({args.pipeline})\n")
     print(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import platform
 import statistics
 import sys
@@ -29,13 +28,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from diffusers import LatteTransformer3DModel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from chronos_video.registry import get_architecture
-from chronos_video.training_utils import rectified_flow_inputs, sample_flow_sigmas
+from chronos_video.flow_matching import flow_matching_loss, rectified_flow_inputs, sample_flow_sigmas, sigmas_to_timesteps
+from chronos_video.training_builders import build_backbone
+from chronos_video.training_config import parse_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "training" / "configs" / "nano_sora_shapes.yaml"
@@ -77,11 +76,7 @@ def load_train_config(path: Path):
     """The config exactly as `training/train.py` reads it: its defaults, the YAML on top, validated."""
     if not path.is_file():
         raise ValueError(f"`--config` must be an existing YAML file, got {str(path)!r}.")
-    spec = importlib.util.spec_from_file_location("chronos_video_train_script", REPO_ROOT / "training" / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = train_script  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(train_script)
-    return train_script.parse_config(["--config", str(path)])
+    return parse_config(["--config", str(path)])
 
 
 # ----------------------------------------------------------------------------- models and inputs
@@ -103,21 +98,10 @@ class Candidate:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def _config_model_kwargs(config) -> dict[str, Any]:
-    """The backbone kwargs `training/train.py` builds for a fresh (non-LoRA) run."""
-    return {
-        "sample_frames": config.data.get("num_frames", 16),
-        "sample_height": config.data.get("height", 32),
-        "sample_width": config.data.get("width", 32),
-        "text_embed_dim": config.text_encoder.get("d_model", 128),
-        **config.model,
-    }
-
-
 def build_candidates(config) -> list[Candidate]:
     """The config's backbone and a diffusers Latte with matching width, depth, heads and spatial patch."""
     torch.manual_seed(config.seed)
-    model = get_architecture(config.architecture).model_class(**_config_model_kwargs(config))
+    model = build_backbone(config)  # the backbone `training/train.py` builds for a fresh run
     mc = model.config
     for key in ("in_channels", "hidden_size", "num_layers", "num_attention_heads", "patch_size", "sample_frames", "sample_height", "sample_width"):
         if key not in mc:
@@ -172,7 +156,7 @@ def make_batch(config, model_config, batch_size: int, device: torch.device) -> d
     """Random inputs of the training shape, built the way `training/train.py` builds a batch."""
     generator = torch.Generator().manual_seed(config.seed)
     shape = (model_config.in_channels, model_config.sample_frames, model_config.sample_height, model_config.sample_width)
-    clip = torch.rand(batch_size, *shape, generator=generator) * 2 - 1  # pixels scaled to [-1, 1]
+    clip = torch.rand(batch_size, *shape, generator=generator) * 2 - 1  # random pixels in [-1, 1]
     noise = torch.randn(clip.shape, generator=generator)
     sigmas = sample_flow_sigmas(
         batch_size, generator, config.weighting_scheme, config.logit_mean, config.logit_std, config.mode_scale,
@@ -184,7 +168,7 @@ def make_batch(config, model_config, batch_size: int, device: torch.device) -> d
     batch = {
         "noisy": noisy,
         "target": target,
-        "timestep": sigmas * 1000,
+        "timestep": sigmas_to_timesteps(sigmas),
         "text": torch.randn(batch_size, text_len, text_dim, generator=generator),
         "text_mask": torch.arange(text_len)[None] < lengths,
     }
@@ -206,7 +190,7 @@ def _synchronize(device: torch.device) -> None:
 def forward_backward(candidate: Candidate, batch: dict[str, torch.Tensor], device: torch.device, mixed_precision: str) -> torch.Tensor:
     with _autocast(device, mixed_precision):
         prediction = candidate.forward(candidate.model, batch)
-    loss = F.mse_loss(prediction.float(), batch["target"])
+    loss = flow_matching_loss(prediction, batch["target"])
     loss.backward()
     return loss
 

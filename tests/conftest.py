@@ -59,3 +59,12 @@ def make_tiny_pipeline(tokenizer, seed: int = 0, **model_kwargs) -> NanoSoraPipe
 @pytest.fixture
 def tiny_pipeline(tiny_tokenizer) -> NanoSoraPipeline:
     return make_tiny_pipeline(tiny_tokenizer)
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny ops run far faster on one thread than two contending ones on a shared 2-core box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -33,3 +33,12 @@ def test_chronos_ablation_benchmark_rejects_unknown_variant(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_chronos_ablations.py"), "--variants", "bogus",
                              "--output_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0 and "unknown variant 'bogus'" in result.stderr
+
+
+def test_train_throughput_reads_the_config_through_the_package(tmp_path):
+    """The throughput benchmark builds the config's backbone with the package's builders (no `train.py` import)."""
+    command = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--config", str(REPO / "training" / "configs" / "smoke.yaml"),
+               "--steps", "1", "--warmup-steps", "0", "--peak-size", "64", "--peak-repeats", "1", "--device", "cpu", "--threads", "1"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "| NanoSoraTransformer3DModel (nano-sora) |" in result.stdout and "| diffusers LatteTransformer3DModel |" in result.stdout

@@ -17,6 +17,7 @@ from chronos_video.precision import (
     ranking_agreement,
     select_layers,
 )
+from chronos_video.schedulers import current_sigmas
 
 from conftest import CAPTIONS
 
@@ -56,7 +57,7 @@ def test_calibrated_schedule_runs_stores_and_round_trips(tiny_pipeline, tmp_path
     schedule = calibrate_pipeline(pipe, CAPTIONS, num_inference_steps=STEPS, sigma_buckets=BUCKETS, budget=0.5)
     assert schedule.name == "calibrated" and schedule.metadata["low_precision_fraction"] >= 0.5
     assert schedule.metadata["calibration"]["loss"] == "guided_velocity_probe"
-    assert pipe.scheduler.config.calibrated_precision_schedule == schedule.to_dict()
+    assert pipe.config.calibrated_precision_schedule == schedule.to_dict()
     again = calibrate_pipeline(pipe, CAPTIONS, num_inference_steps=STEPS, sigma_buckets=BUCKETS, budget=0.5, register=False)
     assert again == schedule  # calibration is deterministic for a given seed
 
@@ -66,7 +67,7 @@ def test_calibrated_schedule_runs_stores_and_round_trips(tiny_pipeline, tmp_path
 
     def check(name):
         def hook(module, args):
-            decision = schedule.select(pipe.scheduler.current_sigmas()[0])
+            decision = schedule.select(current_sigmas(pipe.scheduler)[0])
             gauge = decision.layer_gauges.get(name, decision.gauge)
             expected = originals[name] if gauge == FULL_PRECISION else quantize_weight(originals[name], gauge)
             calls.append(gauge)
@@ -89,7 +90,7 @@ def test_calibrated_schedule_runs_stores_and_round_trips(tiny_pipeline, tmp_path
     pipe.save_pretrained(tmp_path)
     loaded = NanoSoraPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    assert PrecisionSchedule.from_dict(loaded.scheduler.config.calibrated_precision_schedule) == schedule
+    assert PrecisionSchedule.from_dict(loaded.config.calibrated_precision_schedule) == schedule
     reloaded = sample(loaded, precision="calibrated")
     torch.testing.assert_close(reloaded.frames, out.frames, rtol=0, atol=0)
     assert [s["gauge"] for s in reloaded.trace] == [s["gauge"] for s in out.trace]
@@ -100,7 +101,7 @@ def test_profiled_ranking_matches_measured_layer_errors(tiny_pipeline):
     report = profile_pipeline(tiny_pipeline, CAPTIONS, inputs=inputs)
     reused = calibrate_pipeline(tiny_pipeline, CAPTIONS, report=report, budget=0.3, register=False)
     assert reused.rules == report.to_schedule(budget=0.3).rules and reused.metadata["calibration"]["num_inference_steps"] == STEPS
-    assert tiny_pipeline.scheduler.config.calibrated_precision_schedule is None
+    assert tiny_pipeline.config.calibrated_precision_schedule is None
     for gauge in ("fp8", "nvfp4"):
         names, measured = measure_layer_errors(tiny_pipeline.transformer, inputs, gauge)
         assert names == report.layers and measured.shape == (len(names), len(BUCKETS)) and bool((measured > 0).all())
@@ -131,4 +132,4 @@ def test_calibration_rejects_bad_arguments(tiny_pipeline):
         calibrate_pipeline(tiny_pipeline, CAPTIONS, report={"layers": []})
     with pytest.raises(TypeError, match="pipe"):
         calibrate_pipeline(torch.nn.Linear(2, 2), CAPTIONS)
-    assert tiny_pipeline.scheduler.config.calibrated_precision_schedule is None  # nothing half-registered
+    assert tiny_pipeline.config.calibrated_precision_schedule is None  # nothing half-registered

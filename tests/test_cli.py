@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import imageio.v3 as iio
 import pytest
@@ -64,9 +67,13 @@ def test_calibrate_stores_a_schedule_usable_as_precision_calibrated(saved_pipeli
     assert main(["calibrate", "--pipeline", str(target), "--num-prompts", "2", "--steps", "5"]) == 0
     pipe = NanoSoraPipeline.from_pretrained(target)
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.scheduler.config.calibrated_precision_schedule["rules"]
+    assert pipe.config.calibrated_precision_schedule["rules"]
     out = pipe("a small red circle moving left to right slowly", num_inference_steps=2, precision="calibrated")
     assert all("gauge" in step for step in out.trace)
+    copy = tmp_path / "copy"
+    assert main(["calibrate", "--pipeline", str(saved_pipeline), "--output", str(copy), "--num-prompts", "1", "--steps", "5"]) == 0
+    assert NanoSoraPipeline.from_pretrained(copy).config.calibrated_precision_schedule["rules"]
+    assert NanoSoraPipeline.from_pretrained(saved_pipeline).config.calibrated_precision_schedule is None
 
 
 def test_swap_gap_prints_a_table_and_writes_json(saved_pipeline, tmp_path, capsys):
@@ -93,3 +100,45 @@ def test_swap_gap_scores_clips_placed_as_the_pipeline_was_trained(saved_pipeline
     capsys.readouterr()
     loss = {name: json.loads((tmp_path / f"{name}.json").read_text())["direction"]["loss_true"] for name in ("anywhere", "centred", "flag")}
     assert loss["anywhere"] == loss["flag"] != loss["centred"]
+
+
+def test_a_missing_local_pipeline_fails_at_once_naming_the_path(tmp_path, monkeypatch, capsys):
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for command in ("generate", "evaluate", "swap-gap", "calibrate"):
+        extra = ["--prompt", "x"] if command == "generate" else []
+        for path in ("pipelines/nope", "./nope", str(tmp_path / "gone"), "a/b/c"):
+            assert main([command, "--pipeline", path, *extra]) == 2
+            error = capsys.readouterr().err
+            assert f"`--pipeline` {path!r}" in error and "does not exist" in error, error
+    assert main(["generate", "--pipeline", "empty", "--prompt", "x"]) == 2
+    assert "has no model_index.json" in capsys.readouterr().err
+
+
+def test_a_hub_id_is_not_mistaken_for_a_local_path(tmp_path, monkeypatch):
+    from chronos_video.cli import check_pipeline_path
+
+    monkeypatch.chdir(tmp_path)
+    assert check_pipeline_path("some-owner/some-model") is None
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def test_import_and_help_load_no_heavy_library():
+    """`import chronos_video` and the CLI's `--help` stay fast: torch, diffusers and transformers load on first use."""
+    result = _run_python(
+        "import sys, chronos_video; from chronos_video.cli import build_parser; build_parser().format_help();"
+        "print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "[]" and result.stderr == "", result.stderr
+
+
+def test_first_use_of_the_package_is_quiet():
+    """Loading the pipelines does not print the quantisation backends' import-time warnings."""
+    result = _run_python("import chronos_video; chronos_video.NanoSoraPipeline; print(sorted(chronos_video.__all__)[:2])")
+    assert result.returncode == 0, result.stderr
+    for noise in ("Failed to load", "register_constant", "gemm_4bit_forward", "Unable to import `torchao`"):
+        assert noise not in result.stderr, result.stderr

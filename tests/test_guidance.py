@@ -39,12 +39,7 @@ class TinyDecoder(torch.nn.Module):
         return torch.sigmoid(self.conv(latents) + latents).permute(0, 2, 1, 3, 4)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

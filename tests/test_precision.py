@@ -33,13 +33,7 @@ from chronos_video.precision import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny ops run far faster on one thread than two contending ones on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:

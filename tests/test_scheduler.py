@@ -65,3 +65,18 @@ def test_invalid_arguments():
     scheduler.set_timesteps(3)
     with pytest.raises(ValueError):
         scheduler.step(torch.zeros(1), 1, torch.zeros(1))
+
+
+def test_old_config_with_pipeline_policy_loads_it_outside_the_config(tmp_path):
+    """scheduler_config.json files from before the policy moved to the pipeline still load, quietly."""
+    import json
+
+    ChronosFlowMatchScheduler(shift=2.0).save_pretrained(tmp_path)
+    path = tmp_path / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config.update(precision_schedule="sigma", calibrated_precision_schedule=None, precision_backend="native", constraint_settings=None)
+    path.write_text(json.dumps(config))
+    loaded = ChronosFlowMatchScheduler.from_pretrained(tmp_path)
+    assert loaded.legacy_pipeline_config == {"precision_schedule": "sigma", "precision_backend": "native"}
+    assert loaded.config.shift == 2.0 and "precision_schedule" not in loaded.config
+    assert ChronosFlowMatchScheduler().legacy_pipeline_config == {}

@@ -280,3 +280,16 @@ def test_bad_arguments_raise_elsewhere():
         heldout_prompts(0)
     with pytest.raises(ValueError, match="template_index"):
         heldout_prompts(3, template_index=10)
+
+
+def test_longest_clip_search_runs_once_per_frame_size():
+    """`render_clip` reuses the cached geometry search; the cached answer is the searched one."""
+    from chronos_video.data import shapes
+
+    shapes._longest_clip.cache_clear()
+    for seed in range(5):
+        render_clip(ShapeAttributes("red", "circle", "small", "left to right", "slowly"), 8, 24, 20, rng=seed)
+    info = shapes._longest_clip.cache_info()
+    assert info.misses == 1 and info.hits >= 4
+    for height, width in [(16, 16), (24, 20), (32, 32), (64, 48)]:
+        assert max_num_frames(height, width) == shapes._longest_clip.__wrapped__(height, width)

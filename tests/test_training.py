@@ -126,6 +126,21 @@ def test_config_overrides_and_errors(train, tmp_path):
         train.parse_config(["--config", str(SMOKE), "--lora_rank", "4"])
 
 
+def test_config_and_builders_live_in_the_package(train):
+    """`training/train.py` is the entry point only: its config and model builders come from the package."""
+    from chronos_video.training_builders import backbone_kwargs, build_backbone
+    from chronos_video.training_config import TrainConfig, parse_config
+
+    assert train.TrainConfig is TrainConfig
+    config = parse_config(["--config", str(SMOKE), "--model.num_layers", "2"])
+    assert config == train.parse_config(["--config", str(SMOKE), "--model.num_layers", "2"])
+    kwargs = backbone_kwargs(config)
+    assert (kwargs["sample_frames"], kwargs["sample_height"], kwargs["text_embed_dim"], kwargs["num_layers"]) == (8, 16, 32, 2)
+    assert backbone_kwargs(config, text_embed_dim=48)["text_embed_dim"] == 48
+    model = build_backbone(config)
+    assert type(model).__name__ == "NanoSoraTransformer3DModel" and model.config.num_layers == 2
+
+
 def test_lora_finetuning_of_a_trained_pipeline(train, tmp_path):
     base = train.main(smoke_args(tmp_path, "base", "--max_train_steps", "2", "--checkpointing_steps", "10"))
     lora = train.main(smoke_args(tmp_path, "lora", "--pretrained_pipeline", str(base), "--lora_rank", "4",

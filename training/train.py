@@ -14,214 +14,49 @@ Every config key can be overridden on the command line (`--max_train_steps 10`,
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import yaml
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_loss_weighting_for_sd3
-from tqdm.auto import tqdm
+from chronos_video.import_utils import quiet_backend_imports
 
-from chronos_video import ChronosFlowMatchScheduler, build_text_encoder, pretrain_text_encoder, train_caption_tokenizer
-from chronos_video.data import build_shapes_dataset
-from chronos_video.evaluation.pipeline_eval import learning_curve_metrics
-from chronos_video.registry import get_architecture
-from chronos_video.training_utils import (
-    curriculum_batch_indices,
-    load_checkpoint,
-    rectified_flow_inputs,
-    resolve_checkpoint,
-    sample_flow_sigmas,
-    save_checkpoint,
-)
+with quiet_backend_imports():  # accelerate, diffusers and peft import the optional quantisation backends
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from chronos_video.data import build_shapes_dataset
+    from chronos_video.evaluation.pipeline_eval import learning_curve_metrics
+    from chronos_video.flow_matching import (
+        flow_matching_loss,
+        frames_to_model_input,
+        rectified_flow_inputs,
+        sample_flow_sigmas,
+        sigmas_to_timesteps,
+    )
+    from chronos_video.registry import get_architecture
+    from chronos_video.training_builders import TextToVideoModule, build_backbone, build_pipeline, build_text_model
+    from chronos_video.training_config import TrainConfig
+    from chronos_video.training_config import parse_config as _parse_config
+    from chronos_video.training_utils import curriculum_batch_indices, load_checkpoint, resolve_checkpoint, save_checkpoint
 
 logger = get_logger("chronos_video.train")
 
 
-@dataclass
-class TrainConfig:
-    """Every setting of a training run; YAML keys and `--key value` overrides map onto these fields."""
-
-    architecture: str = "nano-sora"
-    output_dir: str = "outputs/run"
-    checkpoint_dir: str | None = None  # default: {output_dir}/checkpoints
-    seed: int = 0
-    # data
-    data: dict[str, Any] = field(default_factory=lambda: {"num_clips": 2000, "num_frames": 16, "height": 32, "width": 32, "split": "train", "seed": 0})
-    caption_dropout: float = 0.1
-    # Curriculum: a second set of clips (`data` overrides, e.g. one appearance so only the motion varies)
-    # that makes up whole batches for the first `curriculum_steps` steps and `curriculum_mix` of each
-    # batch afterwards. Motion is learned on it first instead of last (benchmarks/motion_learnability.py).
-    curriculum_data: dict[str, Any] | None = None
-    curriculum_steps: int = 0
-    curriculum_mix: float = 0.0
-    # model
-    model: dict[str, Any] = field(default_factory=dict)
-    text_encoder: dict[str, Any] = field(default_factory=lambda: {"encoder_type": "clip", "d_model": 128, "num_layers": 2, "num_heads": 4})
-    tokenizer_max_length: int = 24
-    # Before the video model trains, teach the new text encoder to keep every caption word apart
-    # (chronos_video.pretrain_text_encoder); then train it with the backbone or keep it frozen.
-    text_encoder_pretrain_steps: int = 0
-    train_text_encoder: bool = True
-    scheduler: dict[str, Any] = field(default_factory=lambda: {"shift": 1.0, "solver": "euler"})
-    # optimisation
-    max_train_steps: int = 1000
-    train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    adam_weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lr_scheduler: str = "constant_with_warmup"
-    lr_warmup_steps: int = 50
-    use_8bit_adam: bool = False
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    weighting_scheme: str = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    # EMA
-    use_ema: bool = True
-    ema_decay: float = 0.999
-    # LoRA fine-tuning of a trained pipeline
-    pretrained_pipeline: str | None = None
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out"])
-    # checkpoints, logging, validation
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None
-    report_to: str | None = "tensorboard"
-    logging_steps: int = 10
-    validation_steps: int = 0
-    validation_prompts: list[str] = field(default_factory=lambda: ["a small red circle moving left to right slowly"])
-    # learning curve: at every validation step, oracle accuracy of sampled videos and caption swap gaps,
-    # logged to the trackers and appended to {output_dir}/logs/learning_curve.jsonl
-    validation_num_prompts: int = 0
-    validation_swap_gap_clips: int = 0
-    # final evaluation and model card
-    eval_num_prompts: int = 32
-    eval_num_inference_steps: int = 20
-    eval_guidance_scale: float = 4.0
-    sample_prompts: list[str] = field(
-        default_factory=lambda: [
-            "a large blue square moving top to bottom quickly",
-            "a small yellow triangle moving right to left slowly",
-            "a large green circle moving diagonally down and right quickly",
-            "a small magenta square moving bottom to top quickly",
-        ]
-    )
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    num_threads: int | None = None
-
-    def validate(self) -> None:
-        if self.max_train_steps < 1:
-            raise ValueError(f"`max_train_steps` must be >= 1, got {self.max_train_steps}.")
-        if self.train_batch_size < 1:
-            raise ValueError(f"`train_batch_size` must be >= 1, got {self.train_batch_size}.")
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError(f"`gradient_accumulation_steps` must be >= 1, got {self.gradient_accumulation_steps}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
-        if self.mixed_precision not in ("no", "fp16", "bf16", "fp8"):
-            raise ValueError(f"`mixed_precision` must be one of no/fp16/bf16/fp8, got {self.mixed_precision!r}.")
-        if not 0.0 <= self.curriculum_mix < 1.0:
-            raise ValueError(f"`curriculum_mix` must be in [0, 1), got {self.curriculum_mix}.")
-        if self.curriculum_steps < 0:
-            raise ValueError(f"`curriculum_steps` must be >= 0, got {self.curriculum_steps}.")
-        if (self.curriculum_steps or self.curriculum_mix) and not self.curriculum_data:
-            raise ValueError("`curriculum_steps` / `curriculum_mix` need `curriculum_data`.")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}.")
-        if self.checkpointing_steps < 1:
-            raise ValueError(f"`checkpointing_steps` must be >= 1, got {self.checkpointing_steps}.")
-        if self.lora_rank and not self.pretrained_pipeline:
-            raise ValueError("`lora_rank` > 0 fine-tunes a trained pipeline: set `pretrained_pipeline` too.")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("`push_to_hub` needs `hub_model_id`.")
-        get_architecture(self.architecture)
-
-
-def _set_nested(config: dict[str, Any], dotted_key: str, raw_value: str) -> None:
-    names = dotted_key.split(".")
-    known = {f.name for f in fields(TrainConfig)}
-    if names[0] not in known:
-        raise ValueError(f"Unknown option `--{dotted_key}`; known options: {sorted(known)}.")
-    target = config
-    for name in names[:-1]:
-        target = target.setdefault(name, {})
-        if not isinstance(target, dict):
-            raise ValueError(f"`--{dotted_key}`: `{name}` is not a mapping.")
-    target[names[-1]] = yaml.safe_load(raw_value)
-
-
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """YAML config (`--config`) overlaid on the defaults, then `--key value` overrides."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=str, default=None, help="YAML file with TrainConfig keys.")
-    args, rest = parser.parse_known_args(argv)
-    values: dict[str, Any] = asdict(TrainConfig())
-    if args.config:
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"`--config` {args.config} must hold a YAML mapping.")
-        for key, value in loaded.items():
-            if key not in values:
-                raise ValueError(f"Unknown key {key!r} in {args.config}.")
-            if isinstance(values[key], dict) and isinstance(value, dict):
-                values[key] = {**values[key], **value}
-            else:
-                values[key] = value
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if not token.startswith("--"):
-            raise ValueError(f"Expected `--key value`, got {token!r}.")
-        key, _, inline = token[2:].partition("=")
-        if inline:
-            raw = inline
-            i += 1
-        else:
-            if i + 1 >= len(rest):
-                raise ValueError(f"`--{key}` needs a value.")
-            raw = rest[i + 1]
-            i += 2
-        _set_nested(values, key.replace("-", "_"), raw)
-    config = TrainConfig(**values)
-    config.validate()
-    return config
-
-
-class TextToVideoModule(torch.nn.Module):
-    """Text encoder + backbone as one module, so DDP, autocast and accumulation wrap both."""
-
-    def __init__(self, transformer: torch.nn.Module, text_encoder: torch.nn.Module):
-        super().__init__()
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.transformer(
-            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text, encoder_attention_mask=attention_mask, return_dict=False
-        )[0]
+    """The run's `TrainConfig`: defaults, then the `--config` YAML, then `--key value` overrides."""
+    return _parse_config(argv, description=__doc__)
 
 
 def load_training_frames(config: TrainConfig, overrides: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[str]]:
@@ -246,12 +81,6 @@ def load_training_frames(config: TrainConfig, overrides: dict[str, Any] | None =
     for start in range(0, len(dataset), 1024):
         frames[start : start + 1024] = reader[start : start + 1024]["frames"]
     return torch.from_numpy(frames), list(dataset["caption"])
-
-
-def build_pipeline(architecture, tokenizer, text_encoder, transformer, scheduler_config: dict[str, Any]):
-    return architecture.pipeline_class(
-        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=ChronosFlowMatchScheduler(**scheduler_config)
-    )
 
 
 def write_model_card(
@@ -351,31 +180,14 @@ def main(argv: list[str] | None = None) -> Path:
         base = architecture.pipeline_class.from_pretrained(config.pretrained_pipeline)
         tokenizer, text_encoder, transformer = base.tokenizer, base.text_encoder, base.transformer
         scheduler_config = dict(base.scheduler.config)
+        pipeline_config = dict(base.parameters)
     else:
-        tokenizer = train_caption_tokenizer(captions, model_max_length=config.tokenizer_max_length)
-        text_encoder = build_text_encoder(
-            len(tokenizer),
-            **{
-                "pad_token_id": tokenizer.pad_token_id,
-                "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_id": tokenizer.eos_token_id,
-                "max_position_embeddings": config.tokenizer_max_length,
-                **config.text_encoder,
-            },
-        )
-        if config.text_encoder_pretrain_steps:
-            accuracy = pretrain_text_encoder(text_encoder, tokenizer, captions, num_steps=config.text_encoder_pretrain_steps, seed=config.seed,
-                                             text_pooling=config.model.get("text_pooling", "mean"))
+        tokenizer, text_encoder, accuracy = build_text_model(config, captions)
+        if accuracy is not None:
             logger.info(f"Text encoder pretrained for {config.text_encoder_pretrain_steps} steps: caption reconstruction accuracy {accuracy:.1%}.")
-        model_kwargs = {
-            "sample_frames": config.data.get("num_frames", 16),
-            "sample_height": config.data.get("height", 32),
-            "sample_width": config.data.get("width", 32),
-            "text_embed_dim": text_encoder.config.hidden_size,
-            **config.model,
-        }
-        transformer = architecture.model_class(**model_kwargs)
+        transformer = build_backbone(config, text_embed_dim=text_encoder.config.hidden_size)
         scheduler_config = dict(config.scheduler)
+        pipeline_config = {}
 
     if config.lora_rank:
         from peft import LoraConfig
@@ -445,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
             curriculum_mix=config.curriculum_mix if config.curriculum_data else 0.0,
         )
         step_rng = torch.Generator().manual_seed(config.seed * 7_919 + micro_step * world + rank)
-        clip = frames[indices].permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+        clip = frames_to_model_input(frames[indices])
         batch_captions = [
             "" if float(torch.rand((), generator=step_rng)) < config.caption_dropout else captions[int(i)] for i in indices
         ]
@@ -459,9 +271,8 @@ def main(argv: list[str] | None = None) -> Path:
         device = accelerator.device
         with accelerator.accumulate(module):
             with accelerator.autocast():
-                prediction = module(noisy.to(device), (sigmas * 1000).to(device), tokens.input_ids.to(device), tokens.attention_mask.to(device))
-            weights = compute_loss_weighting_for_sd3(config.weighting_scheme, sigmas).to(device).view(-1, 1, 1, 1, 1)
-            loss = (weights * (prediction.float() - target.to(device)) ** 2).mean()
+                prediction = module(noisy.to(device), sigmas_to_timesteps(sigmas).to(device), tokens.input_ids.to(device), tokens.attention_mask.to(device))
+            loss = flow_matching_loss(prediction, target.to(device), sigmas, config.weighting_scheme)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -496,7 +307,7 @@ def main(argv: list[str] | None = None) -> Path:
         if config.validation_steps and global_step % config.validation_steps == 0 and accelerator.is_main_process:
             validation_started = time.time()
             seconds_per_step = (validation_started - started - validation_seconds) / max(global_step - resumed_from_step, 1)
-            log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, ema, trainable, global_step, seconds_per_step)
+            log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, ema, trainable, global_step, seconds_per_step)
             validation_seconds += time.time() - validation_started
     train_seconds = time.time() - started
     progress.close()
@@ -505,19 +316,19 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         if ema:
             ema.copy_to(trainable)
-        finalize(accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, output_dir, train_seconds, resumed_from_step)
+        finalize(accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, output_dir, train_seconds, resumed_from_step)
     accelerator.end_training()
     return output_dir
 
 
-def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, ema, trainable, step, seconds_per_step):
+def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, ema, trainable, step, seconds_per_step):
     """Samples the validation prompts with EMA weights and logs them as frame strips; with
     `validation_num_prompts` / `validation_swap_gap_clips`, adds a learning-curve point."""
     if ema:
         ema.store(trainable)
         ema.copy_to(trainable)
     unwrapped.eval()
-    pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, unwrapped.transformer, scheduler_config)
+    pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, unwrapped.transformer, scheduler_config, pipeline_config)
     pipe.set_progress_bar_config(disable=True)
     videos = None
     if config.validation_prompts:
@@ -546,7 +357,7 @@ def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_co
 
 
 def finalize(
-    accelerator, architecture, tokenizer, unwrapped, scheduler_config, config, output_dir: Path, train_seconds: float, resumed_from_step: int = 0
+    accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, output_dir: Path, train_seconds: float, resumed_from_step: int = 0
 ) -> None:
     """Saves the pipeline, evaluates it with the oracle, writes the sample GIF and the model card."""
     from diffusers.utils import export_to_gif
@@ -558,10 +369,10 @@ def finalize(
     if config.lora_rank:
         from peft.utils import get_peft_model_state_dict
 
-        pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, transformer, scheduler_config)
+        pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, transformer, scheduler_config, pipeline_config)
         architecture.pipeline_class.save_lora_weights(str(output_dir), transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True)
     else:
-        pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, transformer, scheduler_config)
+        pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, transformer, scheduler_config, pipeline_config)
         pipe.save_pretrained(str(output_dir), safe_serialization=True)
     (output_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2))
     summary = {"train_seconds": train_seconds, "steps": config.max_train_steps, "resumed_from_step": resumed_from_step,

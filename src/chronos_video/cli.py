@@ -9,15 +9,50 @@ import sys
 from pathlib import Path
 
 
+def _looks_local(path: str) -> bool:
+    """Whether a missing `path` was meant as a folder rather than a Hub id (`owner/name`): it starts
+    like a path, has more than one separator, or its first component is a folder here (so
+    `pipelines/nope` in a checkout that has `pipelines/`)."""
+    if path.startswith((".", "~", "/")) or "\\" in path or (os.altsep and os.altsep in path):
+        return True
+    parts = path.rstrip("/").split("/")
+    return len(parts) > 2 or path.endswith("/") or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def _in_hub_cache(path: str) -> bool:
+    """A Hub id already downloaded (so `owner/name` still works where a folder `owner` exists here)."""
+    if path.count("/") != 1 or path.startswith((".", "~", "/")):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(path, "model_index.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def check_pipeline_path(path: str) -> Path | None:
+    """The local pipeline folder `path` names, or None for a Hub id; fails at once, naming the path,
+    for a local-looking path that is not a saved pipeline instead of asking the Hub for it."""
+    folder = Path(path).expanduser()
+    if (folder / "model_index.json").is_file():
+        return folder
+    if folder.exists():
+        raise FileNotFoundError(f"`--pipeline` {path!r} has no model_index.json; pass a folder written by `save_pretrained`.")
+    if _looks_local(path) and not _in_hub_cache(path):
+        raise FileNotFoundError(f"`--pipeline` {path!r}: no such folder ({folder.resolve()} does not exist).")
+    return None
+
+
 def load_pipeline(path: str, dtype: str = "float32"):
     """Loads any chronos-video pipeline folder (or Hub id) by the class named in its model_index.json."""
+    folder = check_pipeline_path(path)
     import torch
 
     import chronos_video
 
-    index = Path(path) / "model_index.json"
-    if index.is_file():
-        class_name = json.loads(index.read_text())["_class_name"]
+    if folder is not None:
+        class_name = json.loads((folder / "model_index.json").read_text())["_class_name"]
     else:
         from huggingface_hub import hf_hub_download
 
@@ -26,7 +61,7 @@ def load_pipeline(path: str, dtype: str = "float32"):
     if pipeline_class is None:
         raise ValueError(f"{path}: pipeline class {class_name!r} is not part of chronos_video.")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    return pipeline_class.from_pretrained(path, dtype=dtypes[dtype])
+    return pipeline_class.from_pretrained(str(folder) if folder is not None else path, dtype=dtypes[dtype])
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -126,8 +161,11 @@ def _calibrate(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.seed + 7919)  # training-split prompts, disjoint from the held-out evaluation prompts
     prompts = [sample_attributes(rng, split="train").caption(0) for _ in range(args.num_prompts)]
     schedule = calibrate_pipeline(pipe, prompts, num_inference_steps=args.steps, budget=args.budget, guidance_scale=args.guidance_scale, seed=args.seed)
-    folder = Path(args.output or args.pipeline) / "scheduler"
-    pipe.scheduler.save_pretrained(str(folder))
+    if args.output:  # a full copy of the pipeline with the schedule in its config
+        pipe.save_pretrained(args.output, safe_serialization=True)
+    else:  # the schedule is pipeline policy: only model_index.json changes
+        pipe.save_config(args.pipeline)
+    folder = Path(args.output or args.pipeline) / "model_index.json"
     print(f"stored the calibrated schedule ({len(schedule.rules)} sigma rules) in {folder}; use it with precision=\"calibrated\"")
 
 
@@ -188,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     swap.set_defaults(func=_swap_gap)
 
     calibrate = commands.add_parser("calibrate", help="profile per-layer precision sensitivity and store a calibrated schedule")
-    calibrate.add_argument("--pipeline", required=True, help="pipeline folder (its scheduler config is updated in place)")
-    calibrate.add_argument("--output", default=None, help="write the scheduler config to this pipeline folder instead")
+    calibrate.add_argument("--pipeline", required=True, help="pipeline folder (its model_index.json is updated in place)")
+    calibrate.add_argument("--output", default=None, help="save the calibrated pipeline to this folder instead")
     calibrate.add_argument("--num-prompts", type=int, default=8)
     calibrate.add_argument("--steps", type=int, default=20)
     calibrate.add_argument("--budget", type=float, default=0.5, help="fraction of quantizable MACs run at <= 8 bits")
@@ -203,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "pipeline", None):
+            check_pipeline_path(args.pipeline)  # before any heavy import, so a typo fails at once
         args.func(args)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"chronos-video {args.command}: error: {error}", file=sys.stderr)

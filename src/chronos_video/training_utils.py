@@ -1,4 +1,4 @@
-"""Training helpers: pickle-free, atomic, resumable checkpoints and the rectified-flow objective.
+"""Training helpers: pickle-free, atomic, resumable checkpoints and resumable batch order.
 
 `accelerator.save_state` stores optimizer, scheduler and RNG states with pickle and reloads
 custom objects with `weights_only=False`. Our checkpoints hold the same content as safetensors
@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors.torch import load_file, save_file
+
+# The rectified-flow objective lives in `flow_matching`; these names stay importable from here.
+from .flow_matching import rectified_flow_inputs, sample_flow_sigmas  # noqa: F401
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _TENSOR_KEY = "__tensor__"
@@ -129,36 +131,6 @@ def load_checkpoint(path: str | os.PathLike, names: list[str]) -> tuple[dict[str
     folder = Path(path)
     metadata = json.loads((folder / "training_state.json").read_text())
     return {name: load_state_dict(folder, name) for name in names}, metadata
-
-
-def sample_flow_sigmas(
-    batch_size: int,
-    generator: torch.Generator,
-    weighting_scheme: str = "logit_normal",
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    mode_scale: float = 1.29,
-    shift: float = 1.0,
-) -> torch.Tensor:
-    """Training noise levels in (0, 1) from diffusers' timestep densities, with the sampler's shift.
-
-    diffusers' helper draws from the global RNG; we fork it under `generator`'s seed so each
-    training step's noise levels are a pure function of (seed, step) and resume is exact.
-    """
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        u = compute_density_for_timestep_sampling(
-            weighting_scheme, batch_size, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
-        )
-    u = u.clamp(1e-4, 1.0 - 1e-4)
-    return shift * u / (1 + (shift - 1) * u)
-
-
-def rectified_flow_inputs(x0: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t = (1 - sigma) x0 + sigma * noise and the velocity target noise - x0 (diffusers' convention)."""
-    view = sigmas.view(-1, *([1] * (x0.ndim - 1)))
-    return (1 - view) * x0 + view * noise, noise - x0
 
 
 def batch_indices(step: int, batch_size: int, num_items: int, seed: int, rank: int, world: int) -> torch.Tensor:

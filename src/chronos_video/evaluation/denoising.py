@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..data.shapes import ATTRIBUTE_NAMES, DIRECTIONS, ShapeAttributes, _VOCABULARY
-from ..training_utils import rectified_flow_inputs
+from ..flow_matching import frames_to_model_input, rectified_flow_inputs, sigmas_to_timesteps, velocity_mse
 
 DEFAULT_SIGMAS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9, 0.97)
 
@@ -49,7 +49,7 @@ def _shapes_clips(
         split=split, seed=seed, start_spread=start_spread, attributes=attributes,
     )
     frames = np.asarray(dataset.with_format("numpy")["frames"]).astype(np.uint8)
-    clips = torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+    clips = frames_to_model_input(torch.from_numpy(frames))
     columns = [dataset[name] for name in ATTRIBUTE_NAMES]
     attributes = [ShapeAttributes(*values) for values in zip(*columns)]
     return clips, attributes, list(dataset["caption"])
@@ -60,20 +60,21 @@ def _velocity_errors(pipe, clips, captions, noise, sigmas, batch_size, max_seque
     """Per-clip mean squared velocity error, shape (len(sigmas), N), in float64."""
     model = pipe.transformer
     device, dtype = model.device, model.dtype
-    max_sequence_length = pipe._max_sequence_length(max_sequence_length)
     was_training = model.training
     model.eval()
     errors = torch.zeros(len(sigmas), clips.shape[0], dtype=torch.float64)
     try:
         for start in range(0, clips.shape[0], batch_size):
             stop = min(start + batch_size, clips.shape[0])
-            text, mask = pipe._encode_text(captions[start:stop], max_sequence_length, device, dtype)
+            text, mask, _, _ = pipe.encode_prompt(
+                captions[start:stop], do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device=device, dtype=dtype
+            )
             x0 = clips[start:stop]
             for index, sigma in enumerate(sigmas):
                 level = torch.full((stop - start,), sigma)
                 noisy, target = rectified_flow_inputs(x0, level, noise[index, start:stop])
-                prediction = model(noisy.to(device, dtype), (level * 1000).to(device), text, mask, return_dict=False)[0]
-                errors[index, start:stop] = ((prediction.float().cpu() - target) ** 2).mean(dim=(1, 2, 3, 4)).double()
+                prediction = model(noisy.to(device, dtype), sigmas_to_timesteps(level).to(device), text, mask, return_dict=False)[0]
+                errors[index, start:stop] = velocity_mse(prediction.cpu(), target).double()
     finally:
         model.train(was_training)
     return errors

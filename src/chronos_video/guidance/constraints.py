@@ -1,8 +1,9 @@
-"""Region constraints on decoded video and the decoders that map latents to pixels.
+"""Region constraints on decoded video.
 
 A constraint says "the decoded frames must match ``target`` on the region ``mask`` to within an
 RMS tolerance ``epsilon``". It is evaluated on pixels in ``[0, 1]`` laid out ``(B, F, C, H, W)``,
-so the same constraint works for pixel-space and latent-space pipelines: only the decoder differs.
+so the same constraint works for pixel-space and latent-space pipelines: only the decoder
+(:class:`~chronos_video.decoding.LatentDecoder`) differs.
 
 Normalisation used everywhere (natural gradient, CBF, projection, reports)::
 
@@ -19,7 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from ..decoding import LatentDecoder
 
 
 def _check_positive_finite(value: float, name: str) -> float:
@@ -220,132 +222,20 @@ class RegionConstraint:
 
 
 # ---------------------------------------------------------------------- decoders
-def _default_latent_mask(mask: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
-    """Map a pixel mask (F, C, H, W) to a latent mask (C', F', H', W').
-
-    A latent cell counts as known only if every pixel it covers (by area resampling, over all colour
-    channels) is constrained; that is conservative for VAEs whose cells mix neighbouring pixels.
-    """
-    c_lat, f_lat, h_lat, w_lat = latent_shape
-    covered = mask.all(dim=1).float()[None, None]  # (1, 1, F, H, W)
-    coverage = F.interpolate(covered, size=(f_lat, h_lat, w_lat), mode="area")[0, 0]
-    return (coverage >= 1.0 - 1e-6)[None].expand(c_lat, f_lat, h_lat, w_lat)
+# One decoder (chronos_video.decoding.LatentDecoder) serves the pipelines and the transport; the names
+# below are its earlier spellings, kept so existing imports and calls keep working.
+PixelDecoder = LatentDecoder
+VAEDecoder = LatentDecoder
 
 
-class PixelDecoder:
-    """The decoder of pixel-space pipelines: latents ``(B, C, F, H, W)`` in ``[-1, 1]`` → pixels
-    ``(B, F, C, H, W)`` in ``[0, 1]``. It is linear, so its pullback metric is a scaled mask, and it has
-    an exact inverse (used by the RePaint baseline)."""
-
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        return (latents.permute(0, 2, 1, 3, 4) + 1.0) / 2.0
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels * 2.0 - 1.0).permute(0, 2, 1, 3, 4)
-
-    def latent_mask(self, mask: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
-        lat = mask.permute(1, 0, 2, 3)
-        if tuple(lat.shape) != tuple(latent_shape):
-            raise ValueError(f"Pixel mask {tuple(mask.shape)} does not match latent shape {tuple(latent_shape)}.")
-        return lat
-
-    def __repr__(self) -> str:
-        return "PixelDecoder()"
+def identity_pixel_decoder() -> LatentDecoder:
+    """Decoder for pixel-space pipelines (``vae=None``): latents are the video in ``[-1, 1]``."""
+    return LatentDecoder()
 
 
-def identity_pixel_decoder() -> PixelDecoder:
-    """Decoder for pixel-space pipelines (``vae=None``): ``decode(x) = (x.permute(0, 2, 1, 3, 4) + 1) / 2``."""
-    return PixelDecoder()
-
-
-def _config_value(vae: Any, key: str) -> Any:
-    config = getattr(vae, "config", None)
-    if config is None:
-        return None
-    if isinstance(config, dict):
-        return config.get(key)
-    return getattr(config, key, None)
-
-
-class VAEDecoder:
-    """Adapter for diffusers video autoencoders (``AutoencoderKLWan``, ``AutoencoderKLLTXVideo``,
-    ``AutoencoderKLCogVideoX``, ``AutoencoderKLHunyuanVideo``, ``AutoencoderKLMochi``, ...).
-
-    Pipelines keep latents normalised; the raw VAE latent is ``z · std / scaling_factor + mean`` when
-    the VAE defines per-channel ``latents_mean``/``latents_std`` (Wan, LTX, Mochi) and
-    ``z / scaling_factor + shift_factor`` otherwise, matching the diffusers pipelines. The decoder output
-    (``(B, C, F, H, W)`` in ``[-1, 1]``) is returned as ``(B, F, C, H, W)`` in ``[0, 1]``, without clamping
-    so that gradients stay informative (some VAEs clamp internally).
-    """
-
-    def __init__(
-        self,
-        vae: Any,
-        scaling_factor: float | None = None,
-        shift_factor: float | None = None,
-        latents_mean: Sequence[float] | torch.Tensor | None = None,
-        latents_std: Sequence[float] | torch.Tensor | None = None,
-    ) -> None:
-        if not callable(getattr(vae, "decode", None)):
-            raise TypeError(f"`vae` must have a `decode` method (a diffusers autoencoder), got {type(vae).__name__}.")
-        self.vae = vae
-        scale = scaling_factor if scaling_factor is not None else _config_value(vae, "scaling_factor")
-        self.scaling_factor = float(scale) if scale is not None else 1.0
-        shift = shift_factor if shift_factor is not None else _config_value(vae, "shift_factor")
-        self.shift_factor = float(shift) if shift is not None else 0.0
-        mean = latents_mean if latents_mean is not None else _config_value(vae, "latents_mean")
-        std = latents_std if latents_std is not None else _config_value(vae, "latents_std")
-        if mean is None and isinstance(getattr(vae, "latents_mean", None), torch.Tensor):
-            mean, std = vae.latents_mean, vae.latents_std  # LTX keeps them as buffers
-        if (mean is None) != (std is None):
-            raise ValueError("`latents_mean` and `latents_std` must be given together.")
-        self.latents_mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).flatten()
-        self.latents_std = None if std is None else torch.as_tensor(std, dtype=torch.float32).flatten()
-        if self.scaling_factor == 0.0:
-            raise ValueError("`scaling_factor` must be non-zero.")
-
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        view = (1, -1, 1, 1, 1)
-        return (
-            self.latents_mean.to(like.device, like.dtype).view(view),
-            self.latents_std.to(like.device, like.dtype).view(view),
-        )
-
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.latents_mean is not None:
-            mean, std = self._stats(latents)
-            return latents * std / self.scaling_factor + mean
-        return latents / self.scaling_factor + self.shift_factor
-
-    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
-        if self.latents_mean is not None:
-            mean, std = self._stats(raw)
-            return (raw - mean) * self.scaling_factor / std
-        return (raw - self.shift_factor) * self.scaling_factor
-
-    def _vae_dtype(self, fallback: torch.dtype) -> torch.dtype:
-        return getattr(self.vae, "dtype", fallback)
-
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        raw = self.denormalize(latents).to(self._vae_dtype(latents.dtype))
-        out = self.vae.decode(raw, return_dict=False)[0]
-        return (out.permute(0, 2, 1, 3, 4) + 1.0) / 2.0
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels ``(B, F, C, H, W)`` in ``[0, 1]`` → normalised latents (posterior mode, deterministic)."""
-        x = (pixels * 2.0 - 1.0).permute(0, 2, 1, 3, 4).to(self._vae_dtype(pixels.dtype))
-        encoded = self.vae.encode(x, return_dict=False)[0]
-        raw = encoded.mode() if hasattr(encoded, "mode") else encoded
-        return self.normalize(raw)
-
-    def latent_mask(self, mask: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
-        return _default_latent_mask(mask, latent_shape)
-
-    def __repr__(self) -> str:
-        return f"VAEDecoder({type(self.vae).__name__}, scaling_factor={self.scaling_factor})"
-
-
-def vae_decoder(vae: Any, **overrides: Any) -> VAEDecoder:
+def vae_decoder(vae: Any, **overrides: Any) -> LatentDecoder:
     """Wrap a diffusers video VAE as a ``decode(latents) -> pixels`` callable with scaling handled
     from its config (``overrides`` may set ``scaling_factor``, ``shift_factor``, ``latents_mean``, ``latents_std``)."""
-    return VAEDecoder(vae, **overrides)
+    if vae is None:
+        raise TypeError("`vae` must be a diffusers autoencoder; use identity_pixel_decoder() for pixel space.")
+    return LatentDecoder(vae, **overrides)

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_1d_sincos_pos_embed_from_grid, get_3d_sincos_pos_embed
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 
 def _as_triple(value: int | tuple[int, int, int] | list[int], name: str) -> tuple[int, int, int]:
@@ -89,7 +88,11 @@ def rope_angles_3d(
 
 
 def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotates consecutive pairs of the last dim of `x` (..., L, dim) by `angles` (L, dim // 2)."""
+    """Rotates consecutive pairs of the last dim of `x` (..., L, dim) by `angles` (L, dim // 2).
+
+    Attention uses diffusers' `apply_rotary_emb` (same result); the Chronos-V mixer needs this one
+    because its angles differ per batch row (gathered tokens), which `apply_rotary_emb` cannot broadcast.
+    """
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
     cos, sin = angles.cos(), angles.sin()
     real = pairs[..., 0] * cos - pairs[..., 1] * sin
@@ -161,6 +164,8 @@ class TextConditioning(nn.Module):
         super().__init__()
         check_text_pooling(text_pooling)
         self.text_pooling = text_pooling
+        # diffusers' PixArtAlphaTextProjection(act_fn="gelu_tanh") computes the same, but would rename the
+        # shipped weights `proj.0`/`proj.2` to `linear_1`/`linear_2`.
         self.proj = nn.Sequential(nn.Linear(text_embed_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size))
         self.pooled = nn.Linear(hidden_size, hidden_size)
 
@@ -238,7 +243,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class AdaLNFinalLayer(nn.Module):
-    """Modulated norm + linear head mapping tokens back to tubelet pixels, zero-initialised."""
+    """Modulated norm + linear head mapping tokens back to tubelet pixels, zero-initialised.
+
+    Not diffusers' `AdaLayerNormContinuous`: that one chunks its projection as (scale, shift), ours as
+    (shift, scale) like every AdaLN-Zero block here, and it is not zero-initialised; adopting it would
+    permute the shipped weights.
+    """
 
     def __init__(self, hidden_size: int, patch_size: tuple[int, int, int], out_channels: int):
         super().__init__()
@@ -288,76 +298,3 @@ def sample_to_velocity(sample: torch.Tensor, noisy: torch.Tensor, timestep: torc
     """
     sigma = (timestep.float() / 1000.0).clamp_min(SAMPLE_PREDICTION_MIN_SIGMA).view(-1, *([1] * (noisy.ndim - 1)))
     return ((noisy.float() - sample.float()) / sigma).to(noisy.dtype)
-
-
-def check_video_input(hidden_states: torch.Tensor, in_channels: int, patch_size: tuple[int, int, int]) -> None:
-    """Fails early, naming the argument, instead of deep inside a Conv3d."""
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 5:
-        shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
-        raise ValueError(f"`hidden_states` must be a 5D tensor (batch, channels, frames, height, width), got {shape}.")
-    if hidden_states.shape[1] != in_channels:
-        raise ValueError(f"`hidden_states` has {hidden_states.shape[1]} channels, the model expects {in_channels}.")
-    for size, patch, name in zip(hidden_states.shape[2:], patch_size, ("frames", "height", "width")):
-        if size % patch != 0:
-            raise ValueError(f"`hidden_states` {name}={size} is not divisible by the patch size {patch}.")
-
-
-def prepare_text_mask(encoder_attention_mask: torch.Tensor | None, batch: int, seq_len: int, device) -> torch.Tensor:
-    """Boolean (B, S) mask that always keeps at least one token, so attention never sees an empty row."""
-    if encoder_attention_mask is None:
-        return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
-    mask = encoder_attention_mask.to(device=device).bool()
-    if mask.shape != (batch, seq_len):
-        raise ValueError(
-            f"`encoder_attention_mask` must have shape (batch, seq_len)=({batch}, {seq_len}), got {tuple(mask.shape)}."
-        )
-    empty = ~mask.any(dim=1)
-    if empty.any():
-        mask = mask.clone()
-        mask[empty, 0] = True
-    return mask
-
-
-class VideoBackboneMixin:
-    """The forward skeleton every chronos-video velocity backbone shares.
-
-    A backbone provides `patch_embed`, `text_embed`, `time_embed`, `blocks`, `final_layer`,
-    `skip_scale` (or None), `patch_size` and `out_channels`; only what happens inside its blocks
-    differs (attention for Nano-Sora, complex scans for Chronos-V).
-    """
-
-    def embed_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask):
-        """Validates the inputs; returns (tokens, grid, timestep (B,), conditioning, text_tokens, text_mask)."""
-        check_video_input(hidden_states, self.config.in_channels, self.patch_size)
-        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.ndim != 3:
-            raise ValueError("`encoder_hidden_states` must be a tensor of shape (batch, seq_len, text_embed_dim).")
-        batch = hidden_states.shape[0]
-        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
-        tokens, grid = self.patch_embed(hidden_states)
-        if self.config.get("absolute_pos_embed", False):
-            tokens = tokens + sincos_position_embedding(grid, tokens.shape[-1], tokens.device, tokens.dtype)
-        text_mask = prepare_text_mask(encoder_attention_mask, batch, encoder_hidden_states.shape[1], tokens.device)
-        text_tokens, pooled_text = self.text_embed(encoder_hidden_states.to(tokens.dtype), text_mask)
-        conditioning = self.time_embed(timestep, tokens.dtype) + pooled_text
-        if getattr(self, "frame_embed", None) is not None:
-            tokens = self.frame_embed(tokens, grid, conditioning)
-        return tokens, grid, timestep, conditioning, text_tokens, text_mask
-
-    def run_blocks(self, tokens: torch.Tensor, *block_args) -> torch.Tensor:
-        for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, *block_args)
-            else:
-                tokens = block(tokens, *block_args)
-        return tokens
-
-    def velocity_output(self, tokens, grid, conditioning, hidden_states, timestep, return_dict: bool):
-        """The head's output as a velocity: directly, or converted from a clean-sample prediction."""
-        output = unpatchify(self.final_layer(tokens, conditioning), grid, self.patch_size, self.out_channels)
-        if self.skip_scale is not None:
-            output = self.skip_scale(output, hidden_states, conditioning)
-        if self.config.get("prediction_type", "velocity") == "sample":
-            output = sample_to_velocity(output, hidden_states, timestep)
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)

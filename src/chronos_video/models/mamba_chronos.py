@@ -5,7 +5,7 @@ the (T, H, W) token grid at once (the orders are folded into the batch), with a 
 state matrix A = -exp(log_lambda) + i*omega: the real part sets how fast each state forgets, the
 imaginary part how fast it rotates, so oscillating motion can be carried by a decaying phasor.
 
-Design choices (see DESIGN.md, "The five systems", item 1):
+Design choices:
 
 * 3D RoPE inside the mixer: B_s is rotated by -theta*p_s and C_t by +theta*p_t. A scan with a
   rotating decay e^{delta(-lambda + i*omega)} equals a real-decay scan with B, C rotated by the
@@ -15,20 +15,19 @@ Design choices (see DESIGN.md, "The five systems", item 1):
   Re(conj(c) b)) and the two decays of a pair are tied, which keeps that property exact.
 * Text conditioning stays linear in video tokens: cross-attention to the few text tokens
   (`ChronosAttention`, default) or the text tokens as a prefix of every scan order.
-* Wavelet gate: E = mean |Haar detail| of the *input video* per tubelet (computed once per forward,
-  shared by all blocks; optionally minus the detail energy expected from the noise at this
-  timestep). Training multiplies the mixer's residual update and its step size delta by the soft
-  mask sigmoid((E - threshold) / temperature). A token with delta = 0 is transparent to the scan
-  (decay 1, no input), so at inference, where the mask is hard, dropping low-energy tokens from the
-  sequence (gather, scan the shorter sequence, scatter back) computes exactly what the hard-masked
-  full-length block computes (up to the local conv, which sees the kept neighbours). Skipped tokens
-  still receive the cross-attention and the modulated MLP; only the mixer is skipped.
+* Wavelet gate (`wavelet_gate.WaveletGate`): E = mean |Haar detail| of the *input video* per tubelet,
+  computed once per forward and shared by all blocks. Low-energy tokens skip the mixer: softly (a
+  sigmoid mask on delta and on the residual update) while a training step takes gradients, by
+  gathering the kept tokens otherwise (a token with delta = 0 is transparent to the scan, so the
+  soft mask tends to the gathered computation as its temperature shrinks). Skipped tokens still
+  receive the cross-attention and the modulated MLP.
+* Scan orders, their inverses and the RoPE angles of one forward are built once
+  (`scan_route.build_scan_route`) from the grid and the gate's decision.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,90 +36,16 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import FeedForward
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import apply_lora_scale
 
 from ..ops.selective_scan import selective_scan
-from ..ops.wavelet import GAUSSIAN_DETAIL_ENERGY, patch_detail_energy
 from .attention import ChronosAttention
-from .embeddings import (
-    AdaLNFinalLayer,
-    AdaLNZero,
-    FrameConditioning,
-    InputSkip,
-    TextConditioning,
-    TimestepConditioning,
-    TubeletEmbed,
-    VideoBackboneMixin,
-    _as_triple,
-    apply_rotary,
-    check_absolute_pos_embed,
-    check_prediction_type,
-    modulate,
-    rope_angles_3d,
-)
+from .backbone import VideoBackboneMixin
+from .embeddings import AdaLNZero, apply_rotary, modulate
+from .scan_route import ScanRoute, build_scan_route, invert_permutation, scan_orders  # noqa: F401 (public names)
+from .wavelet_gate import GateDecision, WaveletGate, tubelet_detail_energy, ungated
 
 TEXT_CONDITIONING_MODES = ("cross_attention", "scan_prefix")
-
-
-def scan_orders(grid: tuple[int, int, int], num_orders: int, device: torch.device | None = None) -> torch.Tensor:
-    """Scan orders over a (T, H, W) token grid as permutations of the raster token indices.
-
-    Row `k` lists the raster indices in the order the k-th scan visits them: raster (t, h, w),
-    reversed raster, spatially transposed (t, w, h) and time-major (h, w, t). `num_orders` 1, 2 or 4
-    takes the first rows, so 2 is the forward/backward pair of Vim.
-    """
-    if num_orders not in (1, 2, 4):
-        raise ValueError(f"`num_scan_orders` must be 1, 2 or 4, got {num_orders}.")
-    frames, height, width = grid
-    raster = torch.arange(frames * height * width, device=device).view(frames, height, width)
-    orders = [
-        raster.flatten(),
-        raster.flatten().flip(0),
-        raster.transpose(1, 2).flatten(),
-        raster.permute(1, 2, 0).flatten(),
-    ]
-    return torch.stack(orders[:num_orders])
-
-
-def invert_permutation(order: torch.Tensor) -> torch.Tensor:
-    """Inverse of permutations along the last dim: `x[..., order][..., inverse] == x`."""
-    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, positions)
-
-
-@dataclass
-class ScanRoute:
-    """Everything the mixers of one forward share: which tokens they see and in which orders.
-
-    Built once per forward by `ChronosMambaModel`, so the index arithmetic is not repeated per block.
-    The mixer's sequence has `prefix_length` text tokens first, then the video tokens it processes
-    (all of them, or the kept ones padded to `mixer_length - prefix_length` in gather mode).
-    """
-
-    num_orders: int
-    mixer_length: int  # tokens per mixer sequence (prefix + video, padding included)
-    flat_order: torch.Tensor  # (S*B*L',) indices into the (B*L') rows: sequence -> scan orders
-    flat_inverse: torch.Tensor  # (S*B*L',) indices into the (S*B*L') rows: scan orders -> sequence
-    step_scale: torch.Tensor | None  # (S*B, L', 1) multiplies delta (soft mask, padding = 0)
-    rotation: torch.Tensor | None  # complex state: (S*B, L', N) unit phasors e^{i theta p}
-    angles: torch.Tensor | None  # real state: (S*B, L', N/2) rotation angles of state pairs
-    prefix_length: int = 0
-    kept_index: torch.Tensor | None = None  # gather mode: (B, Lk) raster indices of the kept tokens
-    kept_valid: torch.Tensor | None = None  # gather mode: (B, Lk, 1) 1 for kept tokens, 0 for padding
-    update_scale: torch.Tensor | None = None  # (B, L, 1) soft or hard mask on the mixer's residual update
-
-    def to_orders(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L', E) sequence -> (S*B, L', E), each scan order folded into the batch."""
-        batch, length, channels = x.shape
-        return x.reshape(batch * length, channels).index_select(0, self.flat_order).view(self.num_orders * batch, length, channels)
-
-    def from_orders(self, y: torch.Tensor) -> torch.Tensor:
-        """(S*B, L', E) scan outputs -> (S, B, L', E) back in sequence order."""
-        rows, length, channels = y.shape
-        restored = y.reshape(rows * length, channels).index_select(0, self.flat_inverse)
-        return restored.view(self.num_orders, rows // self.num_orders, length, channels)
 
 
 class OmniComplexMambaMixer(nn.Module):
@@ -130,58 +55,58 @@ class OmniComplexMambaMixer(nn.Module):
     x-dependent delta/B/C, 3D RoPE on B/C, selective scan; back to token order; a learned,
     token-dependent softmax gate merges the orders; gated by silu(z); out_proj. Parameters are
     shared across orders: the order is what differs, which lets all orders run as one batched scan.
+
+    Takes the model's config once, as transformers' `MambaMixer` does: it reads `hidden_size`,
+    `state_size`, `expand`, `conv_kernel_size`, `time_step_rank`, `time_step_min`, `time_step_max`,
+    `num_scan_orders`, `complex_state` and `use_rope` (see `ChronosMambaModel`).
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        state_size: int = 16,
-        expand: int = 2,
-        conv_kernel_size: int = 4,
-        time_step_rank: int | None = None,
-        time_step_min: float = 1e-3,
-        time_step_max: float = 1e-1,
-        num_scan_orders: int = 4,
-        complex_state: bool = True,
-        use_rope: bool = True,
-    ):
+    def __init__(self, config):
         super().__init__()
-        self.inner_size = expand * hidden_size
+        hidden_size, state_size = config.hidden_size, config.state_size
+        self.inner_size = config.expand * hidden_size
         self.state_size = state_size
-        self.complex_state = complex_state
-        self.use_rope = use_rope
-        self.num_scan_orders = num_scan_orders
-        self.time_step_rank = time_step_rank or math.ceil(hidden_size / 16)
+        self.complex_state = config.complex_state
+        self.use_rope = config.use_rope
+        self.num_scan_orders = config.num_scan_orders
+        self.time_step_rank = config.time_step_rank or math.ceil(hidden_size / 16)
         inner, rank = self.inner_size, self.time_step_rank
 
         self.in_proj = nn.Linear(hidden_size, 2 * inner, bias=False)
         self.conv1d = None
-        if conv_kernel_size > 0:
-            self.conv1d = nn.Conv1d(inner, inner, conv_kernel_size, groups=inner, padding=conv_kernel_size - 1)
-        bc_size = 4 * state_size if complex_state else 2 * state_size  # complex B and C carry (re, im)
+        if config.conv_kernel_size > 0:
+            kernel = config.conv_kernel_size
+            self.conv1d = nn.Conv1d(inner, inner, kernel, groups=inner, padding=kernel - 1)
+        bc_size = 4 * state_size if self.complex_state else 2 * state_size  # complex B and C carry (re, im)
         self.x_proj = nn.Linear(inner, rank + bc_size, bias=False)
         self.dt_proj = nn.Linear(rank, inner)
-        self.order_gate = nn.Linear(hidden_size, num_scan_orders) if num_scan_orders > 1 else None
+        self.order_gate = nn.Linear(hidden_size, self.num_scan_orders) if self.num_scan_orders > 1 else None
         self.out_proj = nn.Linear(inner, hidden_size, bias=False)
 
         # Mamba's delta initialisation: softplus(bias) log-uniform in [time_step_min, time_step_max].
         with torch.no_grad():
             nn.init.uniform_(self.dt_proj.weight, -(rank**-0.5), rank**-0.5)
-            dt = torch.exp(torch.rand(inner) * (math.log(time_step_max) - math.log(time_step_min)) + math.log(time_step_min))
+            log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
+            dt = torch.exp(torch.rand(inner) * (log_max - log_min) + log_min)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
             if self.order_gate is not None:  # start as the plain average of the orders
                 nn.init.zeros_(self.order_gate.weight)
                 nn.init.zeros_(self.order_gate.bias)
-        if complex_state:
+        if self.complex_state:
             # S4D-Lin: A_n = -1/2 + i*pi*n, slow decay and a ladder of rotation frequencies.
             self.log_lambda = nn.Parameter(torch.full((inner, state_size), math.log(0.5)))
             self.omega = nn.Parameter(math.pi * torch.arange(state_size, dtype=torch.float32).repeat(inner, 1))
         else:
             # S4D-Real (Mamba's default) A_n = -(n + 1); with RoPE the two states of a rotated pair share a decay.
-            num_decays = state_size // 2 if use_rope else state_size
+            num_decays = state_size // 2 if self.use_rope else state_size
             self.log_lambda = nn.Parameter(torch.log(torch.arange(1, num_decays + 1, dtype=torch.float32)).repeat(inner, 1))
             self.omega = None
         self.D = nn.Parameter(torch.ones(inner))
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotary dimension of B/C: N complex states rotate as 2N real numbers, real states in pairs."""
+        return 2 * self.state_size if self.complex_state else self.state_size
 
     def state_matrix(self) -> torch.Tensor:
         """A (inner, N): complex64 -exp(log_lambda) + i*omega, or real float32 -exp(log_lambda)."""
@@ -239,34 +164,27 @@ class OmniComplexMambaMixer(nn.Module):
 class ChronosMambaBlock(nn.Module):
     """AdaLN-Zero modulated omni-directional Mamba mixer, cross-attention to text, modulated MLP."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        mixer_kwargs: dict[str, Any],
-        text_conditioning: str,
-        num_attention_heads: int,
-        num_kv_heads: int | None,
-        qk_norm: bool,
-        mlp_ratio: float,
-    ):
+    def __init__(self, config):
         super().__init__()
+        hidden_size = config.hidden_size
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mixer = OmniComplexMambaMixer(hidden_size, **mixer_kwargs)
-        if text_conditioning == "cross_attention":
+        self.mixer = OmniComplexMambaMixer(config)
+        if config.text_conditioning == "cross_attention":
             self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
             self.cross_attn = ChronosAttention(
-                hidden_size, num_attention_heads, num_kv_heads, cross_attention_dim=hidden_size, qk_norm=qk_norm
+                hidden_size, config.num_attention_heads, config.num_kv_heads, cross_attention_dim=hidden_size, qk_norm=config.qk_norm
             )
         else:
             self.norm2 = self.cross_attn = None
-        if mlp_ratio > 0:
+        if config.mlp_ratio > 0:
             self.norm3 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-            self.ff = FeedForward(hidden_size, mult=mlp_ratio, activation_fn="gelu-approximate")
+            self.ff = FeedForward(hidden_size, mult=config.mlp_ratio, activation_fn="gelu-approximate")
         else:
             self.norm3 = self.ff = None
         self.modulation = AdaLNZero(hidden_size, 6)
 
-    def forward(self, x, conditioning, text_tokens, text_mask, route: ScanRoute):
+    def forward(self, hidden_states, conditioning, text_tokens, text_mask, route: ScanRoute):
+        x = hidden_states
         shift_mix, scale_mix, gate_mix, shift_mlp, scale_mlp, gate_mlp = self.modulation(conditioning)
         if route.mixer_length > 0:
             if route.kept_index is not None:  # inference gate: the mixer only sees the kept tokens
@@ -291,7 +209,7 @@ class ChronosMambaBlock(nn.Module):
         return x
 
 
-class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin, VideoBackboneMixin):
+class ChronosMambaModel(VideoBackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Velocity predictor for rectified-flow video generation (Chronos-V), linear in video tokens.
 
     Args:
@@ -312,34 +230,25 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin, VideoBackbone
         num_attention_heads, num_kv_heads, qk_norm: the cross-attention (GQA when kv heads < heads).
         mlp_ratio: MLP expansion after the mixer; 0 removes the MLP.
         text_embed_dim: hidden size of the text encoder whose states are passed in.
-        use_wavelet_gate: let low-detail tubelets skip the mixer (soft in training, gathered at inference).
+        use_wavelet_gate: let low-detail tubelets skip the mixer (`WaveletGate`: soft while a training step
+            takes gradients, gathered otherwise, so sampling never depends on `.training`).
         gate_threshold, gate_temperature: the mask sigmoid((E - threshold) / temperature), E the
             per-tubelet mean |Haar detail| of the input video (pixel values in [-1, 1] or latents).
         gate_noise_floor: subtract the detail energy unit Gaussian noise contributes at this timestep
             (sigma * sqrt(2/pi), sigma = timestep / 1000), so the gate measures signal, not noise.
-        input_skip: add a learned, conditioning-dependent per-channel multiple of the input to the
-            velocity (`InputSkip`, shared with Nano-Sora); zero-initialised.
-        absolute_pos_embed: add diffusers' fixed 3D sin-cos position embedding to the tokens, so the
-            model knows absolute place and time as well as RoPE's relative offsets.
-        text_pooling: how the text states become the AdaLN conditioning vector: "mean" over the
-            tokens, or "last" (the [EOS] state, CLIP's pooled output; order-aware with a causal encoder).
-        frame_conditioning: add a learned function of (text + timestep conditioning, latent frame
-            index) to each frame's tokens (`FrameConditioning`), so motion words can act per frame.
-        prediction_type: "velocity" (the head predicts noise - x0) or "sample" (it predicts the clean
-            video x0, as JiT recommends for high-dimensional pixel tokens; `forward` still returns the
-            velocity (z - x0) / sigma, so sampling and the loss are unchanged).
+        input_skip, absolute_pos_embed, text_pooling, frame_conditioning, prediction_type: the shared
+            embeddings and output head, as documented in `NanoSoraTransformer3DModel`.
 
     Attributes:
-        last_gate_stats: after each forward, {"mode": "off" | "soft" | "gather" | "mask",
-            "skipped_fraction", "video_tokens", "mixer_video_tokens"} (the length the mixers ran on,
-            padding of the gathered batch included).
-        gate_gather: in eval mode, gather the kept tokens (default) or run the full sequence with the
-            hard mask (same result, no saving; useful to check the gather path).
+        wavelet_gate: the `WaveletGate` (None without `use_wavelet_gate`); its runtime switches
+            `relaxation` ("auto", "soft", "hard") and `gather` choose how the decision is applied.
+        last_gate_stats: the statistics the gate returned for the latest forward, {"mode": "off" |
+            "soft" | "gather" | "mask", "skipped_fraction", "video_tokens", "mixer_video_tokens"} (the
+            length the mixers ran on, padding of the gathered batch included).
+        gate_gather: shorthand for `wavelet_gate.gather`.
     """
 
-    _supports_gradient_checkpointing = True
     _no_split_modules = ["ChronosMambaBlock"]
-    _skip_layerwise_casting_patterns = ["patch_embed", "norm", "time_embed"]
 
     @register_to_config
     def __init__(
@@ -379,169 +288,73 @@ class ChronosMambaModel(ModelMixin, ConfigMixin, PeftAdapterMixin, VideoBackbone
         text_pooling: str = "mean",
     ):
         super().__init__()
-        check_absolute_pos_embed(absolute_pos_embed, hidden_size)
-        check_prediction_type(prediction_type)
-        self._check_config(hidden_size, num_layers, state_size, expand, conv_kernel_size, num_scan_orders, complex_state,
-                           use_rope, text_conditioning, mlp_ratio, gate_temperature, time_step_min, time_step_max)
-        self.patch_size = _as_triple(patch_size, "patch_size")
-        self.out_channels = out_channels or in_channels
-        self.patch_embed = TubeletEmbed(in_channels, hidden_size, self.patch_size)
-        self.time_embed = TimestepConditioning(hidden_size)
-        self.text_embed = TextConditioning(text_embed_dim, hidden_size, text_pooling)
-        self.frame_embed = FrameConditioning(hidden_size) if frame_conditioning else None
-        mixer_kwargs = dict(state_size=state_size, expand=expand, conv_kernel_size=conv_kernel_size, time_step_rank=time_step_rank,
-                            time_step_min=time_step_min, time_step_max=time_step_max, num_scan_orders=num_scan_orders,
-                            complex_state=complex_state, use_rope=use_rope)
-        self.blocks = nn.ModuleList(
-            [
-                ChronosMambaBlock(hidden_size, mixer_kwargs, text_conditioning, num_attention_heads, num_kv_heads, qk_norm, mlp_ratio)
-                for _ in range(num_layers)
-            ]
+        self._check_config(self.config)
+        self._init_embeddings(self.config)
+        self.blocks = nn.ModuleList([ChronosMambaBlock(self.config) for _ in range(num_layers)])
+        self._init_head(self.config)
+        self.wavelet_gate = (
+            WaveletGate(self.patch_size, gate_threshold, gate_temperature, gate_noise_floor) if use_wavelet_gate else None
         )
-        self.final_layer = AdaLNFinalLayer(hidden_size, self.patch_size, self.out_channels)
-        if input_skip and self.out_channels != in_channels:
-            raise ValueError("`input_skip` needs `out_channels` == `in_channels`.")
-        self.skip_scale = InputSkip(hidden_size, in_channels) if input_skip else None
-        self.gradient_checkpointing = False
-        # Runtime switch (not config): in eval mode, gather the kept tokens (True) or run the full
-        # sequence with the hard mask (False). Both compute the same thing; only gathering saves work.
-        self.gate_gather = True
         self.last_gate_stats: dict[str, Any] | None = None
 
+    @property
+    def gate_gather(self) -> bool:
+        return self.wavelet_gate is None or self.wavelet_gate.gather
+
+    @gate_gather.setter
+    def gate_gather(self, value: bool) -> None:
+        if self.wavelet_gate is not None:
+            self.wavelet_gate.gather = bool(value)
+
     @staticmethod
-    def _check_config(hidden_size, num_layers, state_size, expand, conv_kernel_size, num_scan_orders, complex_state, use_rope,
-                      text_conditioning, mlp_ratio, gate_temperature, time_step_min, time_step_max) -> None:
-        for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("state_size", state_size), ("expand", expand)):
+    def _check_config(config) -> None:
+        for name in ("hidden_size", "num_layers", "state_size", "expand"):
+            value = config[name]
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if conv_kernel_size < 0:
-            raise ValueError(f"`conv_kernel_size` must be >= 0 (0 disables the conv), got {conv_kernel_size}.")
-        if num_scan_orders not in (1, 2, 4):
-            raise ValueError(f"`num_scan_orders` must be 1, 2 or 4, got {num_scan_orders}.")
-        if text_conditioning not in TEXT_CONDITIONING_MODES:
-            raise ValueError(f"`text_conditioning` must be one of {TEXT_CONDITIONING_MODES}, got {text_conditioning!r}.")
-        if use_rope:
-            rope_dim = 2 * state_size if complex_state else state_size
+        if config.conv_kernel_size < 0:
+            raise ValueError(f"`conv_kernel_size` must be >= 0 (0 disables the conv), got {config.conv_kernel_size}.")
+        if config.num_scan_orders not in (1, 2, 4):
+            raise ValueError(f"`num_scan_orders` must be 1, 2 or 4, got {config.num_scan_orders}.")
+        if config.text_conditioning not in TEXT_CONDITIONING_MODES:
+            raise ValueError(f"`text_conditioning` must be one of {TEXT_CONDITIONING_MODES}, got {config.text_conditioning!r}.")
+        if config.use_rope:
+            rope_dim = 2 * config.state_size if config.complex_state else config.state_size
             if rope_dim % 2 or rope_dim < 6:
-                kind = "complex states >= 3" if complex_state else "an even number of real states >= 6"
-                raise ValueError(f"`use_rope` needs {kind} to split rotations over (t, h, w); got `state_size`={state_size}.")
-        if mlp_ratio < 0:
-            raise ValueError(f"`mlp_ratio` must be >= 0, got {mlp_ratio}.")
-        if gate_temperature <= 0:
-            raise ValueError(f"`gate_temperature` must be > 0, got {gate_temperature}.")
-        if not 0 < time_step_min <= time_step_max:
-            raise ValueError(f"need 0 < `time_step_min` <= `time_step_max`, got {time_step_min}, {time_step_max}.")
+                kind = "complex states >= 3" if config.complex_state else "an even number of real states >= 6"
+                raise ValueError(f"`use_rope` needs {kind} to split rotations over (t, h, w); got `state_size`={config.state_size}.")
+        if config.mlp_ratio < 0:
+            raise ValueError(f"`mlp_ratio` must be >= 0, got {config.mlp_ratio}.")
+        if config.gate_temperature <= 0:
+            raise ValueError(f"`gate_temperature` must be > 0, got {config.gate_temperature}.")
+        if not 0 < config.time_step_min <= config.time_step_max:
+            raise ValueError(f"need 0 < `time_step_min` <= `time_step_max`, got {config.time_step_min}, {config.time_step_max}.")
 
     # ------------------------------------------------------------------ gate and routing
     def wavelet_energy(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Per-tubelet information energy (B, L) of the input, in raster token order."""
-        energy = patch_detail_energy(hidden_states, self.patch_size).flatten(1)
-        if self.config.gate_noise_floor:
-            sigma = (timestep.float() / 1000.0).clamp(0.0, 1.0).to(energy.device)
-            energy = energy - GAUSSIAN_DETAIL_ENERGY * sigma[:, None]
-        return energy
+        return tubelet_detail_energy(hidden_states, timestep, self.patch_size, self.config.gate_noise_floor)
+
+    def gate_decision(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> GateDecision:
+        """Which tokens the mixers process in this forward (all of them without the gate)."""
+        if self.wavelet_gate is None:
+            grid_tokens = hidden_states.shape[2:]
+            num_tokens = math.prod(size // patch for size, patch in zip(grid_tokens, self.patch_size))
+            return ungated(num_tokens, hidden_states.device)
+        return self.wavelet_gate(hidden_states, timestep, training=self.training)
+
+    def route_for(self, decision: GateDecision, grid: tuple[int, int, int], text_mask: torch.Tensor) -> ScanRoute:
+        """Scan orders, step scales and RoPE of the mixer sequences for a gate decision."""
+        config = self.config
+        prefix = text_mask.shape[1] if config.text_conditioning == "scan_prefix" else 0
+        mixer = self.blocks[0].mixer
+        rope = (mixer.rope_dim, config.rope_theta, mixer.complex_state) if config.use_rope else None
+        return build_scan_route(grid, config.num_scan_orders, decision, text_mask, prefix, rope)
 
     def _build_route(self, hidden_states, timestep, grid, text_mask) -> ScanRoute:
-        config = self.config
-        batch, device = hidden_states.shape[0], hidden_states.device
-        num_tokens = math.prod(grid)
-        num_orders = config.num_scan_orders
-        prefix = text_mask.shape[1] if config.text_conditioning == "scan_prefix" else 0
+        return self.route_for(self.gate_decision(hidden_states, timestep), grid, text_mask)
 
-        token_raster = torch.arange(num_tokens, device=device)[None]  # (1 or B, Lv) raster index per mixer video token
-        token_scale = None  # (B, Lv) multiplies delta
-        kept_index = kept_valid = update_scale = None
-        mode, skipped = "off", 0.0
-        if config.use_wavelet_gate:
-            energy = self.wavelet_energy(hidden_states, timestep)
-            if self.training:
-                mode = "soft"
-                soft = torch.sigmoid((energy - config.gate_threshold) / config.gate_temperature)
-                token_scale, update_scale = soft, soft.unsqueeze(-1)
-                skipped = float((soft < 0.5).float().mean())
-            else:
-                keep = energy > config.gate_threshold
-                skipped = 1.0 - float(keep.float().mean())
-                if self.gate_gather:
-                    mode = "gather"
-                    if not bool(keep.all()):
-                        counts = keep.sum(dim=1)
-                        # Kept tokens first (stable, so raster order is preserved), padded to the longest row.
-                        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
-                        kept_index = order[:, : int(counts.max())]
-                        kept_valid = torch.gather(keep, 1, kept_index)
-                        token_raster, token_scale = kept_index, kept_valid.float()
-                        kept_valid = kept_valid.unsqueeze(-1)
-                else:
-                    mode = "mask"
-                    token_scale, update_scale = keep.float(), keep.float().unsqueeze(-1)
-
-        video_length = token_raster.shape[1]
-        length = prefix + video_length
-        self.last_gate_stats = {
-            "mode": mode,
-            "skipped_fraction": skipped,
-            "video_tokens": num_tokens,
-            "mixer_video_tokens": video_length,
-        }
-        if video_length == 0:  # every token skipped: the mixers have nothing to do
-            return ScanRoute(num_orders, 0, token_raster.new_empty(0), token_raster.new_empty(0), None, None, None, prefix,
-                             kept_index, kept_valid, update_scale)
-
-        # Scan orders of the mixer sequence: text prefix first, then the video tokens ranked by each order, padding last.
-        rank = invert_permutation(scan_orders(grid, num_orders, device))  # (S, L) position of each raster token in each order
-        keys = rank[:, token_raster]  # (S, 1 or B, Lv)
-        if kept_valid is not None:
-            keys = keys.masked_fill(~kept_valid.squeeze(-1)[None], num_tokens)
-        if prefix:
-            text_keys = torch.arange(-prefix, 0, device=device).expand(num_orders, keys.shape[1], prefix)
-            keys = torch.cat([text_keys, keys], dim=-1)
-        order = torch.sort(keys, dim=-1, stable=True).indices.expand(num_orders, batch, length)
-        inverse = invert_permutation(order)
-        rows = torch.arange(batch, device=device)[None, :, None] * length
-        flat_order = (order + rows).reshape(-1)
-        flat_inverse = (inverse + rows + torch.arange(num_orders, device=device)[:, None, None] * (batch * length)).reshape(-1)
-
-        def along_orders(values: torch.Tensor) -> torch.Tensor:  # (B, L', C) -> (S*B, L', C)
-            values = values.expand(batch, length, values.shape[-1])
-            return values.reshape(batch * length, -1).index_select(0, flat_order).view(num_orders * batch, length, -1)
-
-        step_scale = None
-        if token_scale is not None or (prefix and not bool(text_mask.all())):
-            video_scale = token_scale if token_scale is not None else torch.ones(batch, video_length, device=device)
-            parts = [text_mask.float(), video_scale] if prefix else [video_scale]
-            step_scale = along_orders(torch.cat(parts, dim=1).unsqueeze(-1))
-
-        rotation = angles = None
-        if config.use_rope:
-            mixer = self.blocks[0].mixer
-            rope_dim = 2 * mixer.state_size if mixer.complex_state else mixer.state_size
-            video_angles = rope_angles_3d(grid, rope_dim, config.rope_theta, device=device)[token_raster]  # (1 or B, Lv, n)
-            if prefix:  # text tokens sit at the origin: no rotation
-                text_angles = video_angles.new_zeros(video_angles.shape[0], prefix, video_angles.shape[-1])
-                video_angles = torch.cat([text_angles, video_angles], dim=1)
-            angles = along_orders(video_angles)
-            if mixer.complex_state:
-                rotation, angles = torch.polar(torch.ones_like(angles), angles), None
-
-        return ScanRoute(num_orders, length, flat_order, flat_inverse, step_scale, rotation, angles, prefix, kept_index,
-                         kept_valid, update_scale)
-
-    # ------------------------------------------------------------------ forward
-    @apply_lora_scale("attention_kwargs")
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor | float,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor | None = None,
-        attention_kwargs: dict[str, Any] | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Predicts the flow velocity (noise - x0) of `hidden_states` (B, C, F, H, W) at `timestep` (0..1000)."""
-        tokens, grid, timestep, conditioning, text_tokens, text_mask = self.embed_inputs(
-            hidden_states, timestep, encoder_hidden_states, encoder_attention_mask
-        )
-        route = self._build_route(hidden_states, timestep, grid, text_mask)
-        tokens = self.run_blocks(tokens, conditioning, text_tokens, text_mask, route)
-        return self.velocity_output(tokens, grid, conditioning, hidden_states, timestep, return_dict)
+    def block_inputs(self, hidden_states, timestep, grid, text_mask) -> ScanRoute:
+        decision = self.gate_decision(hidden_states, timestep)
+        self.last_gate_stats = decision.stats  # read by benchmarks and the pipeline docs; the gate itself keeps nothing
+        return self.route_for(decision, grid, text_mask)

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import FeedForward
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import apply_lora_scale
 
-from .attention import ChronosAttention
-from .embeddings import (
-    AdaLNFinalLayer,
-    AdaLNZero,
-    FrameConditioning,
-    InputSkip,
-    TextConditioning,
-    TimestepConditioning,
-    TubeletEmbed,
-    VideoBackboneMixin,
-    _as_triple,
-    check_absolute_pos_embed,
-    check_prediction_type,
-    modulate,
-    rope_angles_3d,
-)
+from .attention import ChronosAttention, rotary_cos_sin
+from .backbone import VideoBackboneMixin
+from .embeddings import AdaLNZero, modulate, rope_angles_3d
 
 
 class NanoSoraBlock(nn.Module):
@@ -44,14 +27,15 @@ class NanoSoraBlock(nn.Module):
         self.ff = FeedForward(hidden_size, mult=mlp_ratio, activation_fn="gelu-approximate")
         self.modulation = AdaLNZero(hidden_size, 6)
 
-    def forward(self, x, conditioning, text_tokens, text_mask, rotary_angles):
+    def forward(self, hidden_states, conditioning, text_tokens, text_mask, rotary_emb):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(conditioning)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rotary_angles=rotary_angles)
+        x = hidden_states
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rotary_emb=rotary_emb)
         x = x + self.cross_attn(self.norm2(x), encoder_hidden_states=text_tokens, attention_mask=text_mask)
         return x + gate_mlp * self.ff(modulate(self.norm3(x), shift_mlp, scale_mlp))
 
 
-class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, VideoBackboneMixin):
+class NanoSoraTransformer3DModel(VideoBackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Velocity predictor for rectified-flow video generation (Nano-Sora).
 
     Args:
@@ -76,9 +60,7 @@ class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Vide
             velocity (z - x0) / sigma, so sampling and the loss are unchanged).
     """
 
-    _supports_gradient_checkpointing = True
     _no_split_modules = ["NanoSoraBlock"]
-    _skip_layerwise_casting_patterns = ["patch_embed", "norm", "time_embed"]
 
     @register_to_config
     def __init__(
@@ -104,38 +86,13 @@ class NanoSoraTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Vide
         text_pooling: str = "mean",
     ):
         super().__init__()
-        check_absolute_pos_embed(absolute_pos_embed, hidden_size)
-        check_prediction_type(prediction_type)
-        self.patch_size = _as_triple(patch_size, "patch_size")
-        self.out_channels = out_channels or in_channels
-        self.patch_embed = TubeletEmbed(in_channels, hidden_size, self.patch_size)
-        self.time_embed = TimestepConditioning(hidden_size)
-        self.text_embed = TextConditioning(text_embed_dim, hidden_size, text_pooling)
-        self.frame_embed = FrameConditioning(hidden_size) if frame_conditioning else None
+        self._init_embeddings(self.config)
         self.blocks = nn.ModuleList(
             [NanoSoraBlock(hidden_size, num_attention_heads, num_kv_heads, mlp_ratio, qk_norm) for _ in range(num_layers)]
         )
-        self.final_layer = AdaLNFinalLayer(hidden_size, self.patch_size, self.out_channels)
-        if input_skip and self.out_channels != in_channels:
-            raise ValueError("`input_skip` needs `out_channels` == `in_channels`.")
-        self.skip_scale = InputSkip(hidden_size, in_channels) if input_skip else None
-        self.gradient_checkpointing = False
+        self._init_head(self.config)
 
-    @apply_lora_scale("attention_kwargs")
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor | float,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor | None = None,
-        attention_kwargs: dict[str, Any] | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Predicts the flow velocity (noise - x0) of `hidden_states` (B, C, F, H, W) at `timestep` (0..1000)."""
-        tokens, grid, timestep, conditioning, text_tokens, text_mask = self.embed_inputs(
-            hidden_states, timestep, encoder_hidden_states, encoder_attention_mask
-        )
+    def block_inputs(self, hidden_states, timestep, grid, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """3D RoPE of the self-attention, as the (cos, sin) pair diffusers' `apply_rotary_emb` takes."""
         head_dim = self.config.hidden_size // self.config.num_attention_heads
-        rotary_angles = rope_angles_3d(grid, head_dim, self.config.rope_theta, device=tokens.device)
-        tokens = self.run_blocks(tokens, conditioning, text_tokens, text_mask, rotary_angles)
-        return self.velocity_output(tokens, grid, conditioning, hidden_states, timestep, return_dict)
+        return rotary_cos_sin(rope_angles_3d(grid, head_dim, self.config.rope_theta, device=hidden_states.device))

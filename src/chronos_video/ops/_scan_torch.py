@@ -5,7 +5,7 @@ Both follow mamba-ssm's `selective_scan_ref` semantics. Inputs here are already 
 complex, and `B`/`C` are either constant `(D, N)` or variable `(batch, G, N, L)`, with the same (real or
 complex) dtype as `A`.
 
-Why the fast path looks the way it does (measured on a 2-core CPU, see DESIGN.md): every scan on CPU is
+Why the fast path looks the way it does (measured on a 2-core CPU): every scan on CPU is
 memory-bound, so the state tensor `(batch, D, N, L)` is never materialised whole. Channels are processed
 in blocks of a few MB that reuse one set of buffers; the forward saves only its inputs and the backward
 recomputes each block's states before running the reverse recurrence. Inside a block `h_t = a_t h_{t-1} +

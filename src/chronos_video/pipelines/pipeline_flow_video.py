@@ -1,13 +1,16 @@
 """The text-to-video pipeline every chronos-video flow model shares.
 
 Backbones differ (DiT, complex Mamba, hierarchical reasoning); the sampling contract does not:
-text in, velocity predictor plus `ChronosFlowMatchScheduler`, pixel space by default or any
-diffusers video autoencoder, outputs through diffusers' `VideoProcessor`.
+text in, velocity predictor plus any diffusers flow-match scheduler (`ChronosFlowMatchScheduler`
+by default), pixel space by default or any diffusers video autoencoder, outputs through
+diffusers' `VideoProcessor`. Sampling policy (precision schedules, constraint settings) is the
+pipeline's own config, saved in `model_index.json`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,18 +18,41 @@ import numpy as np
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import CogVideoXLoraLoaderMixin
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..guidance import ConstraintTransport, RegionConstraint, identity_pixel_decoder, vae_decoder
+from ..decoding import LatentDecoder
+from ..flow_matching import classifier_free_guidance
+from ..guidance import ConstraintTransport, RegionConstraint
 from ..precision import PrecisionController, PrecisionSchedule, resolve_precision
+from ..schedulers.scheduling_chronos_flow_match import LEGACY_PIPELINE_KEYS, current_sigmas
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
-_FROM_SCHEDULER = "scheduler"
+PRECISION_BACKENDS = ("emulate", "native")
+# `precision` default: the pipeline config's `precision_schedule`. "scheduler" is the same (the
+# name from when the schedule was stored in the scheduler config).
+DEFAULT_PRECISION = "default"
+_DEFAULT_PRECISION_ALIASES = (DEFAULT_PRECISION, "scheduler")
+
+
+def check_pipeline_policy(
+    precision_schedule=None, calibrated_precision_schedule=None, precision_backend=None, constraint_settings=None
+) -> None:
+    """Validates the sampling policy a flow pipeline keeps in its config, naming the bad argument."""
+    for name, value in (("precision_schedule", precision_schedule), ("calibrated_precision_schedule", calibrated_precision_schedule)):
+        if value is not None and not isinstance(value, (dict, str)):
+            raise ValueError(f"`{name}` must be a dict (PrecisionSchedule.to_dict()), a preset name or None, got {type(value).__name__}.")
+    if precision_backend is not None and precision_backend not in PRECISION_BACKENDS:
+        raise ValueError(f"`precision_backend` must be one of {PRECISION_BACKENDS} or None, got {precision_backend!r}.")
+    if constraint_settings is not None and not isinstance(constraint_settings, dict):
+        raise ValueError(f"`constraint_settings` must be a dict (ConstraintTransport.to_config()) or None, got {type(constraint_settings).__name__}.")
 
 
 @dataclass
@@ -52,17 +78,62 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
 
     Components: `tokenizer` and `text_encoder` (any transformers pair), `transformer` (the
     velocity predictor; the diffusers name is kept so LoRA loaders and offloading work),
-    `scheduler` (`ChronosFlowMatchScheduler`) and an optional `vae` (None = pixel space).
+    `scheduler` (`ChronosFlowMatchScheduler`, or diffusers' `FlowMatchEulerDiscreteScheduler` /
+    `FlowMatchHeunDiscreteScheduler`) and an optional `vae` (None = pixel space).
+
+    Sampling policy, stored in the pipeline config (`model_index.json`) like diffusers' pipeline
+    flags, so a saved pipeline samples as it did:
+        precision_schedule: what `precision="default"` means (a preset name or a
+            `PrecisionSchedule.to_dict()`; None = full precision).
+        calibrated_precision_schedule: what `precision="calibrated"` means (written by
+            `chronos_video.precision.calibrate_pipeline`).
+        precision_backend: "emulate" (default) or "native" low-precision kernels.
+        constraint_settings: default `ConstraintTransport` options under `constraint_settings=`.
+    A scheduler loaded from the older layout (these keys in `scheduler_config.json`) hands them
+    over for every key left None here.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def __init__(self, tokenizer, text_encoder, transformer, scheduler, vae=None):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        text_encoder: PreTrainedModel,
+        transformer: ModelMixin,
+        scheduler: SchedulerMixin,
+        vae: ModelMixin | None = None,
+        precision_schedule: dict | str | None = None,
+        calibrated_precision_schedule: dict | None = None,
+        precision_backend: str | None = None,
+        constraint_settings: dict | None = None,
+    ):
         super().__init__()
+        policy = dict(
+            precision_schedule=precision_schedule,
+            calibrated_precision_schedule=calibrated_precision_schedule,
+            precision_backend=precision_backend,
+            constraint_settings=constraint_settings,
+        )
+        check_pipeline_policy(**policy)
+        self.register_to_config(**policy)
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler, vae=vae)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    def __setattr__(self, name: str, value: Any):
+        super().__setattr__(name, value)
+        if name == "scheduler":  # in __init__ and on `pipe.scheduler = ...`
+            self._adopt_legacy_policy(value)
+
+    def _adopt_legacy_policy(self, scheduler) -> None:
+        """Takes the policy an old-layout scheduler carries for every key this pipeline left None."""
+        legacy = getattr(scheduler, "legacy_pipeline_config", None)
+        if not legacy:
+            return
+        unset = {key: legacy[key] for key in LEGACY_PIPELINE_KEYS if key in legacy and self.config.get(key) is None}
+        if unset:
+            self.register_to_config(**unset)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -81,8 +152,11 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         config = vae.config
         if "temperal_downsample" in config:  # Wan-style autoencoders
             return 2 ** sum(config.temperal_downsample), 2 ** len(config.temperal_downsample)
-        temporal = config.get("temporal_compression_ratio", 1)
-        spatial = config.get("spatial_compression_ratio", 2 ** (len(config.get("block_out_channels", [0])) - 1))
+        # LTX-style autoencoders compute their ratios in __init__ and may store None in the config.
+        temporal = getattr(vae, "temporal_compression_ratio", None) or config.get("temporal_compression_ratio") or 1
+        spatial = getattr(vae, "spatial_compression_ratio", None) or config.get("spatial_compression_ratio")
+        if spatial is None:
+            spatial = 2 ** (len(config.get("block_out_channels", [0])) - 1)
         return int(temporal), int(spatial)
 
     @property
@@ -94,7 +168,10 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         latent_frames = num_frames if temporal == 1 else (num_frames - 1) // temporal + 1
         return (batch, self._latent_channels, latent_frames, height // spatial, width // spatial)
 
-    def _default_size(self) -> tuple[int, int, int]:
+    @property
+    def default_size(self) -> tuple[int, int, int]:
+        """(num_frames, height, width) in output pixels that the backbone was trained at: the
+        defaults of `__call__`."""
         config = self.transformer.config
         temporal, spatial = self._vae_compression()
         frames = config.sample_frames if temporal == 1 else (config.sample_frames - 1) * temporal + 1
@@ -137,7 +214,8 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
     ):
         """Returns (prompt_embeds, prompt_mask, negative_embeds, negative_mask), repeated per video."""
         device = device or self._execution_device
-        dtype = dtype or self.transformer.dtype
+        if dtype is None:  # the backbone reads the embeddings; a text-encoder-only pipeline keeps the encoder's dtype
+            dtype = (self.transformer if self.transformer is not None else self.text_encoder).dtype
         max_len = self._max_sequence_length(max_sequence_length)
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt
@@ -264,19 +342,8 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> video (B, C, F, H, W) in [-1, 1]."""
-        if self.vae is None:
-            return latents.float().clamp(-1, 1)
-        config = self.vae.config
-        latents = latents.to(self.vae.dtype)
-        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-            view = (1, -1, 1, 1, 1)
-            mean = torch.tensor(config.latents_mean, device=latents.device, dtype=latents.dtype).view(view)
-            std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype).view(view)
-            latents = latents * std + mean
-        else:
-            latents = latents / config.get("scaling_factor", 1.0) + (config.get("shift_factor") or 0.0)
-        return self.vae.decode(latents, return_dict=False)[0].float().clamp(-1, 1)
+        """Latents -> video (B, C, F, H, W) in [-1, 1], through the same decoder the constraints are judged with."""
+        return self._constraint_decoder().decode(latents)
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -296,9 +363,10 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         return self._interrupt
 
     # ------------------------------------------------------------------ constraint transport
-    def _constraint_decoder(self):
-        """Clean latents -> pixels (B, F, C, H, W) in [0, 1], the space constraints are stated in."""
-        return identity_pixel_decoder() if self.vae is None else vae_decoder(self.vae)
+    def _constraint_decoder(self) -> LatentDecoder:
+        """The one latent -> pixel map: `decode_latents` returns its `decode`, constraints see its
+        (B, F, C, H, W) view in [0, 1], so the returned video is what the constraint was checked on."""
+        return LatentDecoder(self.vae)
 
     def _build_transport(self, constraints, constraint_settings) -> ConstraintTransport | None:
         if constraints is None:
@@ -309,7 +377,7 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             raise ValueError("`constraints` must be a RegionConstraint or a non-empty list of them.")
         if constraint_settings is not None and not isinstance(constraint_settings, dict):
             raise ValueError(f"`constraint_settings` must be a dict of ConstraintTransport options, got {type(constraint_settings).__name__}.")
-        settings = {**(self.scheduler.config.get("constraint_settings") or {}), **(constraint_settings or {})}
+        settings = {**(self.config.get("constraint_settings") or {}), **(constraint_settings or {})}
         return ConstraintTransport.from_config(settings, list(constraints))
 
     def _check_constraint_shapes(self, transport: ConstraintTransport, num_frames: int, height: int, width: int) -> None:
@@ -320,24 +388,26 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
 
     # ------------------------------------------------------------------ precision gauges
     def _resolve_precision(self, precision) -> PrecisionSchedule | None:
-        if isinstance(precision, str) and precision == _FROM_SCHEDULER:
-            precision = self.scheduler.config.get("precision_schedule")
-        return resolve_precision(precision, calibrated=self.scheduler.config.get("calibrated_precision_schedule"))
+        if isinstance(precision, str) and precision in _DEFAULT_PRECISION_ALIASES:
+            precision = self.config.get("precision_schedule")
+        return resolve_precision(precision, calibrated=self.config.get("calibrated_precision_schedule"))
 
     def predict_velocity(self, latents, timestep, prompt_embeds, prompt_mask, attention_kwargs) -> torch.Tensor:
         """One (classifier-free guided) velocity evaluation of the backbone."""
         model_input = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
-        velocity = self.transformer(
-            hidden_states=model_input.to(self.transformer.dtype),
-            timestep=timestep.expand(model_input.shape[0]),
-            encoder_hidden_states=prompt_embeds,
-            encoder_attention_mask=prompt_mask,
-            attention_kwargs=attention_kwargs,
-            return_dict=False,
-        )[0].float()
+        # diffusers' cache hooks (`transformer.enable_cache(...)`) keep their state per named context, as in LTX.
+        cache_context = getattr(self.transformer, "cache_context", None)
+        with cache_context("cond_uncond") if cache_context is not None else nullcontext():
+            velocity = self.transformer(
+                hidden_states=model_input.to(self.transformer.dtype),
+                timestep=timestep.expand(model_input.shape[0]),
+                encoder_hidden_states=prompt_embeds,
+                encoder_attention_mask=prompt_mask,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0].float()
         if self.do_classifier_free_guidance:
-            uncond, cond = velocity.chunk(2)
-            velocity = uncond + self._guidance_scale * (cond - uncond)
+            velocity = classifier_free_guidance(*velocity.chunk(2), self._guidance_scale)
         return velocity
 
     @torch.no_grad()
@@ -365,7 +435,7 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         max_sequence_length: int | None = None,
         constraints: RegionConstraint | list[RegionConstraint] | None = None,
         constraint_settings: dict[str, Any] | None = None,
-        precision: str | PrecisionSchedule | dict | None = _FROM_SCHEDULER,
+        precision: str | PrecisionSchedule | dict | None = DEFAULT_PRECISION,
     ) -> VideoPipelineOutput | tuple:
         """Generates videos from text.
 
@@ -384,18 +454,18 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                 evaluation's velocity is corrected (natural gradient + CBF filter by default) and the
                 final video is projected into the constraint set, or the output says it could not be.
             constraint_settings: `ConstraintTransport` options (method "natural" | "dps" | "repaint" |
-                "none", solver, cbf, strength, ...) over the scheduler config's `constraint_settings`.
+                "none", solver, cbf, strength, ...) over the pipeline config's `constraint_settings`.
             precision: numeric precision per step: a preset ("seed", "seed_entropy", "sigma"),
-                "calibrated" (the profiler's schedule stored in the scheduler config), a
-                `PrecisionSchedule` or its dict, or None for full precision. Default: the
-                scheduler config's `precision_schedule` (None there = full precision).
+                "calibrated" (the profiler's schedule stored in the pipeline config), a
+                `PrecisionSchedule` or its dict, or None for full precision. Default ("default"):
+                the pipeline config's `precision_schedule` (None there = full precision).
         Returns:
             `VideoPipelineOutput` (frames, trace, constraints_satisfied) or a tuple `(frames,)`.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        default_frames, default_height, default_width = self._default_size()
+        default_frames, default_height, default_width = self.default_size
         num_frames = default_frames if num_frames is None else num_frames
         height = default_height if height is None else height
         width = default_width if width is None else width
@@ -416,7 +486,7 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         schedule = self._resolve_precision(precision)
         controller = None
         if schedule is not None:  # quantizes the weight banks once for this call; steps only swap pointers
-            controller = PrecisionController(self.transformer, gauges=schedule.gauges(), backend=self.scheduler.config.get("precision_backend", "emulate"))
+            controller = PrecisionController(self.transformer, gauges=schedule.gauges(), backend=self.config.get("precision_backend") or "emulate")
 
         prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
             prompt, negative_prompt, self.do_classifier_free_guidance, num_videos_per_prompt, prompt_embeds,
@@ -441,7 +511,7 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                 for i, t in enumerate(timesteps):
                     if self.interrupt:
                         continue
-                    sigma, sigma_next = self.scheduler.current_sigmas()
+                    sigma, sigma_next = current_sigmas(self.scheduler)
                     record: dict[str, Any] = {"step": i, "timestep": float(t), "sigma": sigma}
                     if controller is not None:
                         entropy = schedule.measure_entropy(latents) if schedule.entropy_estimator else None

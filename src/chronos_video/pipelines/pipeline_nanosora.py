@@ -2,33 +2,30 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
 from ..models.transformer_nanosora import NanoSoraTransformer3DModel
-from ..schedulers.scheduling_chronos_flow_match import ChronosFlowMatchScheduler
 from .pipeline_flow_video import FlowVideoPipeline
 
 
 class NanoSoraPipeline(FlowVideoPipeline):
     """Text-to-video with [`NanoSoraTransformer3DModel`].
 
-    Example:
+    Components, sampling loop and config are [`FlowVideoPipeline`]'s; the class names the
+    backbone, so `from_pretrained` folders and model cards say which model they hold.
+
+    Example (any diffusers flow-match scheduler drops in; the shipped folder carries a calibrated
+    precision schedule):
         ```py
         >>> import torch
+        >>> from diffusers import FlowMatchHeunDiscreteScheduler
         >>> from diffusers.utils import export_to_video
         >>> from chronos_video import NanoSoraPipeline
+
         >>> pipe = NanoSoraPipeline.from_pretrained("pipelines/nano-sora-shapes")
-        >>> video = pipe("a small red circle moving left to right slowly", generator=torch.Generator().manual_seed(0)).frames[0]
+        >>> pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> video = pipe("a small red circle moving left to right slowly", precision="calibrated", generator=generator).frames[0]
         >>> export_to_video(video, "circle.mp4", fps=8)
         ```
     """
 
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        text_encoder: PreTrainedModel,
-        transformer: NanoSoraTransformer3DModel,
-        scheduler: ChronosFlowMatchScheduler,
-        vae=None,
-    ):
-        super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler, vae=vae)
+    transformer: NanoSoraTransformer3DModel

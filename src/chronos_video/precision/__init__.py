@@ -1,8 +1,9 @@
-"""Precision gauges for flow-model sampling (seed 002, Algorithms 1 and 4).
+"""Precision gauges for flow-model sampling: per-step number formats chosen by sigma or latent entropy.
 
-* :mod:`.gauges`: exact quantize-dequantize grids (fp32, bf16, fp16, fp8 E4M3, NVFP4), the
-  native FP8/NVFP4 matmul paths, and :class:`PrecisionController`, which swaps
-  pre-quantized weight banks into a model.
+* :mod:`.formats`: exact quantize-dequantize grids (fp32, bf16, fp16, fp8 E4M3, NVFP4).
+* :mod:`.native`: the native FP8/NVFP4 matmul paths and their hardware checks.
+* :mod:`.gauges`: :class:`PrecisionController`, which swaps pre-quantized weight banks into a
+  model, and the rules for which layers it may touch.
 * :mod:`.entropy`: histogram / KDE entropy and Haar wavelet energy of latents.
 * :mod:`.schedule`: :class:`PrecisionSchedule` (sigma, entropy) -> gauge, presets, JSON.
 * :mod:`.profiler`: per-layer sensitivity S = E||dL/dy||^2 * s2_q and calibrated schedules.
@@ -18,10 +19,8 @@ Typical use in a sampler::
 """
 
 from .entropy import ENTROPY_ESTIMATORS, estimate_entropy, haar_highpass_2d, histogram_entropy, kde_entropy, wavelet_energy
-from .gauges import (
-    BACKENDS,
+from .formats import (
     BF16,
-    DEFAULT_EXCLUDE_PATTERNS,
     E2M1,
     E4M3,
     FP16,
@@ -30,11 +29,6 @@ from .gauges import (
     FloatFormat,
     Gauge,
     NVFP4Parts,
-    PrecisionController,
-    check_native_support,
-    default_exclude_types,
-    fp8_codes,
-    fp8_linear_native,
     get_gauge,
     quantize_activation,
     quantize_dequantize,
@@ -42,8 +36,9 @@ from .gauges import (
     quantize_nvfp4,
     quantize_weight,
     round_to_format,
-    select_layers,
 )
+from .gauges import BACKENDS, DEFAULT_EXCLUDE_PATTERNS, PrecisionController, default_exclude_types, select_layers
+from .native import check_native_support, fp8_codes, fp8_linear_native
 from .profiler import SensitivityReport, profile_sensitivity
 from .calibration import (
     DEFAULT_SIGMA_BUCKETS,

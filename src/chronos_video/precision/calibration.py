@@ -5,7 +5,7 @@ latents, random text states) miss what matters for quantization error: the activ
 trained model sees along its real sampling trajectory, with real prompts and classifier-free
 guidance. This module records exactly those inputs by running the pipeline's own sampler at
 full precision, profiles ``pipe.transformer`` on them, and stores the resulting schedule in the
-scheduler config, so ``pipe(prompt, precision="calibrated")`` uses it and
+pipeline config (``model_index.json``), so ``pipe(prompt, precision="calibrated")`` uses it and
 ``save_pretrained``/``from_pretrained`` keep it.
 
 Loss. The sampler integrates the *guided* velocity ``v = v_u + s (v_c - v_u)``, so the default
@@ -26,6 +26,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..flow_matching import classifier_free_guidance
+from ..schedulers.scheduling_chronos_flow_match import current_sigmas
 from .gauges import FULL_PRECISION, PrecisionController, get_gauge
 from .profiler import BUDGET_KINDS, SensitivityReport, _first_tensor, profile_sensitivity
 from .schedule import PrecisionSchedule
@@ -57,8 +59,7 @@ def guided_velocity(output: Any, guidance_scale: float) -> torch.Tensor:
     if guidance_scale > 1.0:
         if velocity.shape[0] % 2:
             raise ValueError(f"a guided batch has an even size ([uncond; cond]), got {velocity.shape[0]}")
-        uncond, cond = velocity.chunk(2)
-        velocity = uncond + guidance_scale * (cond - uncond)
+        velocity = classifier_free_guidance(*velocity.chunk(2), guidance_scale)
     return velocity
 
 
@@ -127,10 +128,9 @@ def _check_guidance(guidance_scale: Any) -> float:
 
 
 def _current_sigma(pipe: Any, kwargs: Mapping[str, Any]) -> float:
-    """Noise level of the transformer call in progress (the scheduler's, else timestep / T)."""
-    current = getattr(pipe.scheduler, "current_sigmas", None)
-    if callable(current):
-        return float(current()[0])
+    """Noise level of the transformer call in progress (the scheduler's sigmas, else timestep / T)."""
+    if getattr(pipe.scheduler, "sigmas", None) is not None:
+        return current_sigmas(pipe.scheduler)[0]
     timestep = kwargs.get("timestep")
     value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
     return value / float(pipe.scheduler.config.num_train_timesteps)
@@ -289,8 +289,9 @@ def calibrate_pipeline(
     Steps: :func:`collect_calibration_inputs` (full-precision sampling of `prompts`),
     :func:`profile_pipeline` on ``pipe.transformer``, then
     ``report.to_schedule(budget, budget_kind, high_gauge)``. With ``register=True`` the schedule
-    is written to ``pipe.scheduler``'s config as ``calibrated_precision_schedule``, so
-    ``pipe(prompt, precision="calibrated")`` runs it and ``save_pretrained`` keeps it.
+    is written to the pipeline config as ``calibrated_precision_schedule``, so
+    ``pipe(prompt, precision="calibrated")`` runs it and ``save_pretrained`` keeps it (in
+    ``model_index.json``; ``pipe.save_config(folder)`` updates just that file).
 
     Args:
         prompts: calibration prompts (use prompts like those the pipeline will serve).
@@ -329,7 +330,7 @@ def calibrate_pipeline(
         }
     )
     if register:
-        pipe.scheduler.register_to_config(calibrated_precision_schedule=schedule.to_dict())
+        pipe.register_to_config(calibrated_precision_schedule=schedule.to_dict())
     return schedule
 
 

@@ -2,7 +2,7 @@
 
 All estimators take a batch (B, ...) and return one value per sample (B,) in float32, so a
 sampler can decide per step from the mean over the batch. The histogram and KDE estimators
-treat the elements of a sample as draws from one scalar distribution (the seed's H(z_t));
+treat the elements of a sample as draws from one scalar distribution (the H(z_t) of the `seed_entropy` gate);
 the wavelet energy measures spatial detail instead.
 
 Units: :func:`histogram_entropy` is the *discrete* Shannon entropy of the binned values (at

@@ -1,10 +1,9 @@
-"""Per-layer, per-noise-level sensitivity to quantization (seed 002, Algorithm 4, corrected).
+"""Per-layer, per-noise-level sensitivity to quantization: gradient energy times format error.
 
-The seed's Algorithm 4 accumulates only the gradient energy E||dL/da||^2 and then ignores it,
-assigning gauges by timestep alone. A gradient is only half of the story: quantizing layer l
-at gauge g perturbs its output y_l by delta = y_hat - y, and to first order the loss moves by
-<dL/dy_l, delta>. If delta behaves like noise of per-element variance s2_q(l, g), uncorrelated
-with the gradient, then
+Accumulating only the gradient energy E||dL/da||^2 (and then assigning gauges by timestep
+alone) misses half of the story: quantizing layer l at gauge g perturbs its output y_l by
+delta = y_hat - y, and to first order the loss moves by <dL/dy_l, delta>. If delta behaves
+like noise of per-element variance s2_q(l, g), uncorrelated with the gradient, then
 
     E[(Delta L)^2] ~= S(l, g, sigma) = E||dL/dy_l||^2 * s2_q(l, g, sigma),
 
@@ -30,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .gauges import GAUGES, ExcludeSpec, _reduction_size, get_gauge, quantize_activation, quantize_weight, select_layers
+from .formats import GAUGES, get_gauge, quantize_activation, quantize_weight
+from .gauges import ExcludeSpec, _reduction_size, select_layers
 from .schedule import PrecisionRule, PrecisionSchedule
 
 

@@ -6,22 +6,22 @@ otherwise `default_gauge` applies. A rule may carry per-layer overrides (layer n
 which is how the profiler's calibrated schedules keep sensitive layers high. Schedules are
 plain data with an exact JSON round trip, so a scheduler can keep one in its config.
 
-sigma follows the rectified-flow convention x_t = (1 - sigma) x_0 + sigma * noise, so sigma = t
-of seed 002 (t = 1 is pure noise, sampling runs from high to low sigma).
+sigma follows the rectified-flow convention x_t = (1 - sigma) x_0 + sigma * noise, so sigma is
+the flow time t (t = 1 is pure noise, sampling runs from high to low sigma).
 
 Presets (:meth:`PrecisionSchedule.preset`):
 
-* ``"seed"``: seed 002's "Precision Schedule by Timestep" table, as its Algorithm 4 writes
-  it: NVFP4 for t > 0.8, FP16 for 0.4 < t <= 0.8, FP8 for t <= 0.4. Published evidence
+* ``"seed"``: the timestep table chronos-video was first proposed with:
+  NVFP4 for t > 0.8, FP16 for 0.4 < t <= 0.8, FP8 for t <= 0.4. Published evidence
   (PTQD; PAB) finds the *last*, low-noise steps the most sensitive to quantization, the
-  opposite of giving them FP8 after FP16; the preset is kept to test the seed's claim.
-* ``"seed_entropy"``: seed 002's Algorithm 1 entropy gate: NVFP4 for H < 4 bits, FP16 for
+  opposite of giving them FP8 after FP16; the preset is kept to test that claim.
+* ``"seed_entropy"``: the entropy gate it was first proposed with: NVFP4 for H < 4 bits, FP16 for
   4 <= H < 8, FP8 for H >= 8, with H the histogram entropy of z_t (256 bins by default; a
   256-bin histogram reaches 8 bits only when perfectly flat, so the FP8 branch practically
   never fires; pass ``bins=`` to change it). Pure noise has high, not low, histogram entropy,
-  so this gate disagrees with the seed's own table.
+  so this gate disagrees with the ``"seed"`` table.
 * ``"sigma"``: plain sigma thresholds with precision increasing toward the end of sampling:
-  NVFP4 for sigma > 0.8, FP8 for 0.4 < sigma <= 0.8, BF16 for sigma <= 0.4 (the seed's
+  NVFP4 for sigma > 0.8, FP8 for 0.4 < sigma <= 0.8, BF16 for sigma <= 0.4 (the ``"seed"``
   thresholds with the evidence-based ordering).
 * ``"calibrated"``: produced by :meth:`SensitivityReport.to_schedule` for a specific model;
   there is no generic one.
@@ -38,7 +38,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 from .entropy import ENTROPY_ESTIMATORS, estimate_entropy
-from .gauges import FULL_PRECISION, GAUGES, get_gauge
+from .formats import FULL_PRECISION, GAUGES, get_gauge
 
 
 SCHEDULE_FORMAT = "chronos_video.precision_schedule"

@@ -1,3 +1,3 @@
-from .scheduling_chronos_flow_match import ChronosFlowMatchScheduler
+from .scheduling_chronos_flow_match import ChronosFlowMatchScheduler, current_sigmas
 
-__all__ = ["ChronosFlowMatchScheduler"]
+__all__ = ["ChronosFlowMatchScheduler", "current_sigmas"]

@@ -1,7 +1,8 @@
 """ChronosFlowMatchScheduler: diffusers' flow-matching Euler scheduler with a Heun option.
 
-It also stores the constraint-transport sampler's settings (precision schedules, constraint
-correction) in its config, so a saved pipeline reproduces its sampling exactly.
+The scheduler is only a sampler. Sampling policy (precision schedules, constraint settings)
+lives in the pipeline's own config; configs saved before that move still load (see
+`LEGACY_PIPELINE_KEYS`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,28 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (diffusers' loader looks for it here)
 
 SOLVERS = ("euler", "heun")
+# Pipeline policy that older scheduler_config.json files carry; loaded into
+# `legacy_pipeline_config` for the pipeline to adopt, never written back to the scheduler config.
+LEGACY_PIPELINE_KEYS = ("precision_schedule", "calibrated_precision_schedule", "precision_backend", "constraint_settings")
+
+
+def current_sigmas(scheduler) -> tuple[float, float]:
+    """(sigma of the model evaluation in progress, the next smaller sigma) for any flow-match scheduler.
+
+    Reads only the public `sigmas` and `step_index` that diffusers' flow-match schedulers share
+    (`step_index` is None before the first step: then `begin_index`, else 0). Heun-type schedulers
+    repeat sigmas for the corrector evaluation, so the next *smaller* sigma is returned: per-step
+    hooks (constraint guidance) always see a step that moves towards the data.
+    """
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None:
+        raise TypeError(f"{type(scheduler).__name__} has no `sigmas`; use a flow-match scheduler and call `set_timesteps` first.")
+    index = scheduler.step_index
+    if index is None:
+        index = getattr(scheduler, "begin_index", None) or 0
+    sigma = float(sigmas[index])
+    later = [float(s) for s in sigmas[index + 1 :] if float(s) < sigma]
+    return sigma, (later[0] if later else 0.0)
 
 
 class ChronosFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
@@ -26,7 +49,16 @@ class ChronosFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
     contract as diffusers' `FlowMatchHeunDiscreteScheduler`: a pipeline loops over
     `scheduler.timesteps`, calling the model once per entry, and needs no solver-specific code.
     Every parent argument is re-declared so `save_pretrained`/`from_pretrained` round-trips.
+
+    `precision_schedule`, `calibrated_precision_schedule`, `precision_backend` and
+    `constraint_settings` are accepted only so configs and code from before they moved to the
+    pipeline keep working: they are kept in `legacy_pipeline_config` (not in the config), and a
+    pipeline given this scheduler adopts the ones it has not set itself.
     """
+
+    ignore_for_config = list(LEGACY_PIPELINE_KEYS)
+    # Drop-in replacements a pipeline samples with unchanged (`scheduler.compatibles` lists them).
+    _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
 
     @register_to_config
     def __init__(
@@ -48,20 +80,19 @@ class ChronosFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         solver: Literal["euler", "heun"] = "euler",
         precision_schedule: dict | str | None = None,
         calibrated_precision_schedule: dict | None = None,
-        precision_backend: Literal["emulate", "native"] = "emulate",
+        precision_backend: Literal["emulate", "native"] | None = None,
         constraint_settings: dict | None = None,
     ):
         if solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
         if stochastic_sampling and solver == "heun":
             raise ValueError("`stochastic_sampling=True` is only defined for `solver='euler'`.")
-        if precision_backend not in ("emulate", "native"):
-            raise ValueError(f"`precision_backend` must be 'emulate' or 'native', got {precision_backend!r}.")
-        for name, value in (("precision_schedule", precision_schedule), ("calibrated_precision_schedule", calibrated_precision_schedule)):
-            if value is not None and not isinstance(value, (dict, str)):
-                raise ValueError(f"`{name}` must be a dict (PrecisionSchedule.to_dict()), a preset name or None, got {type(value).__name__}.")
-        if constraint_settings is not None and not isinstance(constraint_settings, dict):
-            raise ValueError(f"`constraint_settings` must be a dict (ConstraintTransport.to_config()) or None, got {type(constraint_settings).__name__}.")
+        legacy = dict(zip(LEGACY_PIPELINE_KEYS, (precision_schedule, calibrated_precision_schedule, precision_backend, constraint_settings)))
+        self.legacy_pipeline_config = {key: value for key, value in legacy.items() if value is not None}
+        if self.legacy_pipeline_config:  # the pipeline's rules apply to its own policy, wherever it was written
+            from ..pipelines.pipeline_flow_video import check_pipeline_policy
+
+            check_pipeline_policy(**self.legacy_pipeline_config)
         super().__init__(
             num_train_timesteps=num_train_timesteps,
             shift=shift,
@@ -79,6 +110,16 @@ class ChronosFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
             stochastic_sampling=stochastic_sampling,
         )
         self._reset_heun_state()
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # Old scheduler_config.json files carry pipeline policy: hand it to __init__ (which keeps it
+        # out of the config) instead of letting diffusers warn and re-register it as unknown keys.
+        config_dict = dict(config_dict)
+        legacy = {key: config_dict.pop(key) for key in LEGACY_PIPELINE_KEYS if key in config_dict}
+        legacy.update({key: kwargs.pop(key) for key in LEGACY_PIPELINE_KEYS if key in kwargs})
+        init_dict, unused_kwargs, hidden_dict = super().extract_init_dict(config_dict, **kwargs)
+        return {**init_dict, **legacy}, unused_kwargs, hidden_dict
 
     @property
     def order(self) -> int:
@@ -146,12 +187,5 @@ class ChronosFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
 
     def current_sigmas(self) -> tuple[float, float]:
-        """(sigma at which the model is evaluated next, the next smaller sigma), for per-step hooks.
-
-        For Heun's corrector evaluation the sigma list repeats, so the next *smaller* sigma is
-        returned: guidance always sees a step that moves towards the data.
-        """
-        index = self.step_index or 0
-        sigma = float(self.sigmas[index])
-        later = [float(s) for s in self.sigmas[index + 1 :] if float(s) < sigma]
-        return sigma, (later[0] if later else 0.0)
+        """Same as the module's `current_sigmas(scheduler)`, which pipelines use for any scheduler."""
+        return current_sigmas(self)

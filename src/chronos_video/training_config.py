@@ -1,0 +1,182 @@
+"""`TrainConfig`: every setting of a training run, and how YAML files and `--key value` flags become one.
+
+`training/train.py` (the `accelerate launch` entry point) and the benchmarks read configs through
+`parse_config`, so a config means the same to both; `training_builders` turns one into models.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .import_utils import quiet_backend_imports
+
+__all__ = ["TrainConfig", "parse_config"]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; YAML keys and `--key value` overrides map onto these fields."""
+
+    architecture: str = "nano-sora"
+    output_dir: str = "outputs/run"
+    checkpoint_dir: str | None = None  # default: {output_dir}/checkpoints
+    seed: int = 0
+    # data
+    data: dict[str, Any] = field(default_factory=lambda: {"num_clips": 2000, "num_frames": 16, "height": 32, "width": 32, "split": "train", "seed": 0})
+    caption_dropout: float = 0.1
+    # Curriculum: a second set of clips (`data` overrides, e.g. one appearance so only the motion varies)
+    # that makes up whole batches for the first `curriculum_steps` steps and `curriculum_mix` of each
+    # batch afterwards. Motion is learned on it first instead of last (benchmarks/motion_learnability.py).
+    curriculum_data: dict[str, Any] | None = None
+    curriculum_steps: int = 0
+    curriculum_mix: float = 0.0
+    # model
+    model: dict[str, Any] = field(default_factory=dict)
+    text_encoder: dict[str, Any] = field(default_factory=lambda: {"encoder_type": "clip", "d_model": 128, "num_layers": 2, "num_heads": 4})
+    tokenizer_max_length: int = 24
+    # Before the video model trains, teach the new text encoder to keep every caption word apart
+    # (chronos_video.pretrain_text_encoder); then train it with the backbone or keep it frozen.
+    text_encoder_pretrain_steps: int = 0
+    train_text_encoder: bool = True
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"shift": 1.0, "solver": "euler"})
+    # optimisation
+    max_train_steps: int = 1000
+    train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 50
+    use_8bit_adam: bool = False
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    # EMA
+    use_ema: bool = True
+    ema_decay: float = 0.999
+    # LoRA fine-tuning of a trained pipeline
+    pretrained_pipeline: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out"])
+    # checkpoints, logging, validation
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None
+    report_to: str | None = "tensorboard"
+    logging_steps: int = 10
+    validation_steps: int = 0
+    validation_prompts: list[str] = field(default_factory=lambda: ["a small red circle moving left to right slowly"])
+    # learning curve: at every validation step, oracle accuracy of sampled videos and caption swap gaps,
+    # logged to the trackers and appended to {output_dir}/logs/learning_curve.jsonl
+    validation_num_prompts: int = 0
+    validation_swap_gap_clips: int = 0
+    # final evaluation and model card
+    eval_num_prompts: int = 32
+    eval_num_inference_steps: int = 20
+    eval_guidance_scale: float = 4.0
+    sample_prompts: list[str] = field(
+        default_factory=lambda: [
+            "a large blue square moving top to bottom quickly",
+            "a small yellow triangle moving right to left slowly",
+            "a large green circle moving diagonally down and right quickly",
+            "a small magenta square moving bottom to top quickly",
+        ]
+    )
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    num_threads: int | None = None
+
+    def validate(self) -> None:
+        if self.max_train_steps < 1:
+            raise ValueError(f"`max_train_steps` must be >= 1, got {self.max_train_steps}.")
+        if self.train_batch_size < 1:
+            raise ValueError(f"`train_batch_size` must be >= 1, got {self.train_batch_size}.")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"`gradient_accumulation_steps` must be >= 1, got {self.gradient_accumulation_steps}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
+        if self.mixed_precision not in ("no", "fp16", "bf16", "fp8"):
+            raise ValueError(f"`mixed_precision` must be one of no/fp16/bf16/fp8, got {self.mixed_precision!r}.")
+        if not 0.0 <= self.curriculum_mix < 1.0:
+            raise ValueError(f"`curriculum_mix` must be in [0, 1), got {self.curriculum_mix}.")
+        if self.curriculum_steps < 0:
+            raise ValueError(f"`curriculum_steps` must be >= 0, got {self.curriculum_steps}.")
+        if (self.curriculum_steps or self.curriculum_mix) and not self.curriculum_data:
+            raise ValueError("`curriculum_steps` / `curriculum_mix` need `curriculum_data`.")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}.")
+        if self.checkpointing_steps < 1:
+            raise ValueError(f"`checkpointing_steps` must be >= 1, got {self.checkpointing_steps}.")
+        if self.lora_rank and not self.pretrained_pipeline:
+            raise ValueError("`lora_rank` > 0 fine-tunes a trained pipeline: set `pretrained_pipeline` too.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("`push_to_hub` needs `hub_model_id`.")
+        with quiet_backend_imports():  # the registry imports every model family
+            from .registry import get_architecture
+
+        get_architecture(self.architecture)
+
+
+def _set_nested(config: dict[str, Any], dotted_key: str, raw_value: str) -> None:
+    names = dotted_key.split(".")
+    known = {f.name for f in fields(TrainConfig)}
+    if names[0] not in known:
+        raise ValueError(f"Unknown option `--{dotted_key}`; known options: {sorted(known)}.")
+    target = config
+    for name in names[:-1]:
+        target = target.setdefault(name, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"`--{dotted_key}`: `{name}` is not a mapping.")
+    target[names[-1]] = yaml.safe_load(raw_value)
+
+
+def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
+    """YAML config (`--config`) overlaid on the defaults, then `--key value` overrides; validated.
+
+    `description` is the `--help` text (the training script passes its own docstring).
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=str, default=None, help="YAML file with TrainConfig keys.")
+    args, rest = parser.parse_known_args(argv)
+    values: dict[str, Any] = asdict(TrainConfig())
+    if args.config:
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"`--config` {args.config} must hold a YAML mapping.")
+        for key, value in loaded.items():
+            if key not in values:
+                raise ValueError(f"Unknown key {key!r} in {args.config}.")
+            if isinstance(values[key], dict) and isinstance(value, dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--"):
+            raise ValueError(f"Expected `--key value`, got {token!r}.")
+        key, _, inline = token[2:].partition("=")
+        if inline:
+            raw = inline
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                raise ValueError(f"`--{key}` needs a value.")
+            raw = rest[i + 1]
+            i += 2
+        _set_nested(values, key.replace("-", "_"), raw)
+    config = TrainConfig(**values)
+    config.validate()
+    return config
