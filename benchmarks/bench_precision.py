@@ -10,7 +10,7 @@ Schedules (all emulated: exact quantize-dequantize grids on CPU, so quality is m
 * seed_entropy     `PrecisionSchedule.preset("seed_entropy")`, an entropy gate: histogram entropy H(z_t) < 4 bits NVFP4, < 8 FP16, else FP8
 * sigma            precision rising toward the end: NVFP4 > 0.8, FP8 0.4-0.8, BF16 below
 * calibrated       `calibrate_pipeline` on training-split prompts (not the evaluation prompts), budget:
-                   at least `--budget` of the quantizable MACs in FP8/NVFP4; stored in the scheduler
+                   at least `--budget` of the quantizable MACs in FP8/NVFP4; stored in the pipeline
                    config and run with `precision="calibrated"`
 * calibrated (mean bits)   the same profile, budget: MAC-weighted mean bit width `--matched_bits`
                    (default 10.4, what "seed" and "sigma" spend at 20 steps), for a like-for-like comparison

@@ -42,3 +42,28 @@ def test_train_throughput_reads_the_config_through_the_package(tmp_path):
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "| NanoSoraTransformer3DModel (nano-sora) |" in result.stdout and "| diffusers LatteTransformer3DModel |" in result.stdout
+
+
+def test_cache_benchmark_counts_reused_evaluations(tmp_path, tiny_tokenizer):
+    """`bench_cache.py` on a tiny saved pipeline: threshold 0 reuses nothing (same videos), a huge one skips
+    every evaluation after the first, and MagCache (calibrated by the script) and TaylorSeer run too."""
+    from conftest import make_tiny_pipeline
+
+    make_tiny_pipeline(tiny_tokenizer).save_pretrained(tmp_path / "tiny")
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_cache.py"), "--pipeline", str(tmp_path / "tiny"),
+               "--cache", "first_block", "--cache", "magcache", "--cache", "taylorseer", "--thresholds", "0", "1e9",
+               "--cache-intervals", "2", "--warmup-steps", "1", "--num-prompts", "2", "--batch-size", "2", "--steps", "4",
+               "--output", str(tmp_path / "cache.json")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {(row["cache"], row["setting"]): row for row in json.loads((tmp_path / "cache.json").read_text())["rows"]}
+    assert set(rows) == {("off", "-"), ("first_block", "threshold 0"), ("first_block", "threshold 1e+09"),
+                         ("magcache", "threshold 0"), ("magcache", "threshold 1e+09"), ("taylorseer", "interval 2")}
+    assert all(row["model_calls"] == 4 for row in rows.values())  # one batch of 2 prompts, 4 Euler steps, CFG in one call
+    assert rows["off", "-"]["full_evaluations"] == 4
+    assert rows["first_block", "threshold 0"]["full_evaluations"] == 4 and rows["first_block", "threshold 0"]["mean_abs_pixel_diff"] == 0.0
+    assert rows["first_block", "threshold 1e+09"]["full_evaluations"] == 1 and rows["first_block", "threshold 1e+09"]["mean_abs_pixel_diff"] > 0
+    assert rows["magcache", "threshold 1e+09"]["full_evaluations"] < 4
+    assert rows["taylorseer", "interval 2"]["full_evaluations"] < 4
+    assert set(rows["off", "-"]["oracle"]) >= {"color", "shape", "direction", "all"}
+    assert "| tiny | first_block | threshold 1e+09 |" in result.stdout and "| pipeline | cache | setting |" in result.stdout

@@ -64,7 +64,12 @@ def test_calibrate_stores_a_schedule_usable_as_precision_calibrated(saved_pipeli
 
     target = tmp_path / "calibrated"
     shutil.copytree(saved_pipeline, target)
+    weights = {path: path.read_bytes() for path in target.rglob("*.safetensors")}
     assert main(["calibrate", "--pipeline", str(target), "--num-prompts", "2", "--steps", "5"]) == 0
+    assert {path: path.read_bytes() for path in target.rglob("*.safetensors")} == weights  # only model_index.json changes
+    model_index = json.loads((target / "model_index.json").read_text())
+    assert "_name_or_path" not in model_index and model_index["calibrated_precision_schedule"]["rules"]
+    assert not list(target.glob("*.tmp"))
     pipe = NanoSoraPipeline.from_pretrained(target)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.calibrated_precision_schedule["rules"]

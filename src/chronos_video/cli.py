@@ -164,7 +164,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     if args.output:  # a full copy of the pipeline with the schedule in its config
         pipe.save_pretrained(args.output, safe_serialization=True)
     else:  # the schedule is pipeline policy: only model_index.json changes
-        pipe.save_config(args.pipeline)
+        pipe.save_policy(args.pipeline)
     folder = Path(args.output or args.pipeline) / "model_index.json"
     print(f"stored the calibrated schedule ({len(schedule.rules)} sigma rules) in {folder}; use it with precision=\"calibrated\"")
 

@@ -9,9 +9,12 @@ pipeline's own config, saved in `model_index.json`.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -134,6 +137,23 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         unset = {key: legacy[key] for key in LEGACY_PIPELINE_KEYS if key in legacy and self.config.get(key) is None}
         if unset:
             self.register_to_config(**unset)
+
+    def save_policy(self, save_directory: str | os.PathLike) -> Path:
+        """Rewrites only `model_index.json` (e.g. after calibration), as `save_pretrained` writes it.
+
+        The weights are left untouched; the file is replaced atomically, so an interrupted write
+        never leaves a half-written index next to them.
+        """
+        folder = Path(save_directory)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"`save_directory` {str(folder)!r} is not a folder.")
+        config = json.loads(self.to_json_string())
+        config.pop("_name_or_path", None)
+        target = folder / self.config_name
+        temporary = target.with_name(target.name + ".tmp")
+        temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        os.replace(temporary, target)
+        return target
 
     # ------------------------------------------------------------------ geometry
     @property

@@ -291,7 +291,7 @@ def calibrate_pipeline(
     ``report.to_schedule(budget, budget_kind, high_gauge)``. With ``register=True`` the schedule
     is written to the pipeline config as ``calibrated_precision_schedule``, so
     ``pipe(prompt, precision="calibrated")`` runs it and ``save_pretrained`` keeps it (in
-    ``model_index.json``; ``pipe.save_config(folder)`` updates just that file).
+    ``model_index.json``; ``pipe.save_policy(folder)`` updates just that file).
 
     Args:
         prompts: calibration prompts (use prompts like those the pipeline will serve).
