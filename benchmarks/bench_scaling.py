@@ -35,6 +35,8 @@ GRIDS = {  # tokens -> (frames, height, width) of the token grid: frames and spa
     4096: (16, 16, 16),
     8192: (32, 16, 16),
     16384: (16, 32, 32),
+    32768: (32, 32, 32),
+    65536: (64, 32, 32),
 }
 PATCH = (1, 4, 4)
 TEXT_TOKENS, TEXT_DIM = 8, 32
@@ -48,6 +50,8 @@ def build_model(name: str, width: int, depth: int, heads: int, **extra):
         return ChronosMambaModel(**common, use_wavelet_gate=False, **extra)
     if name == "chronos-gate":
         return ChronosMambaModel(**common, use_wavelet_gate=True, **extra)
+    if name == "chronos-ssd":  # the chunked (state-space duality) scan, `benchmarks/bench_ssd.py`
+        return ChronosMambaModel(**common, use_wavelet_gate=False, scan_type="ssd", **extra)
     return NanoSoraTransformer3DModel(**common)
 
 
@@ -220,7 +224,7 @@ def gate_table(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=sorted(GRIDS), choices=sorted(GRIDS))
+    parser.add_argument("--tokens", type=int, nargs="+", default=[t for t in sorted(GRIDS) if t <= 16384], choices=sorted(GRIDS))
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2)

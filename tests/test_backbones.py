@@ -16,6 +16,7 @@ from chronos_video import (
     ChronosFlowMatchScheduler,
     ChronosMambaModel,
     ChronosPipeline,
+    HRMVideoModel,
     NanoSoraPipeline,
     NanoSoraTransformer3DModel,
     build_text_encoder,
@@ -204,7 +205,12 @@ def test_shipped_pipelines_sample_the_same_in_train_mode_and_accept_a_cache(path
     evaluated = generate(pipe, steps=3)
     pipe.transformer.train()  # as during validation inside a training run
     np.testing.assert_array_equal(generate(pipe, steps=3), evaluated)
-    pipe.transformer.eval().enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    pipe.transformer.eval()
+    if isinstance(pipe.transformer, HRMVideoModel):  # the recursion re-enters its blocks; HRM reuses its carry instead
+        with pytest.raises(NotImplementedError, match="warm"):
+            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+        return
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))
     cached = generate(pipe, steps=3)
     assert cached.shape == evaluated.shape and np.isfinite(cached).all()
     pipe.transformer.disable_cache()

@@ -67,3 +67,14 @@ def test_cache_benchmark_counts_reused_evaluations(tmp_path, tiny_tokenizer):
     assert rows["taylorseer", "interval 2"]["full_evaluations"] < 4
     assert set(rows["off", "-"]["oracle"]) >= {"color", "shape", "direction", "all"}
     assert "| tiny | first_block | threshold 1e+09 |" in result.stdout and "| pipeline | cache | setting |" in result.stdout
+
+
+def test_ssd_benchmark_quick_mode_prints_both_tables():
+    """`bench_ssd.py --quick`: the scan-op table (SSD, selective, loop in fp32 and bf16) and the whole-model table."""
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_ssd.py"), "--quick"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for row in ("| 256 | float32 | ssd |", "| 512 | bfloat16 | selective |", "| 512 | float32 | loop |"):
+        assert row in result.stdout, row
+    assert "| 256 | " in result.stdout.split("### Whole model")[1] and "error" not in result.stdout
+    assert "Crossover:" in result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -331,3 +332,143 @@ def test_absolute_pos_embed_is_shared_with_nano_sora():
     assert not torch.allclose(plain(video, timestep, text, mask).sample, positioned(video, timestep, text, mask).sample)
     with pytest.raises(ValueError, match="absolute_pos_embed"):
         tiny_model(hidden_size=40, absolute_pos_embed=True)
+
+
+# ---------------------------------------------------------------------------------------------- SSD scan form
+
+
+def tiny_ssd(**kwargs) -> ChronosMambaModel:
+    """A tiny SSD-form model: 64 mixer channels in 4 heads of 16, large steps so the scan (not D) dominates."""
+    return tiny_model(scan_type="ssd", scan_head_dim=16, scan_chunk_size=8, time_step_min=0.3, time_step_max=1.0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(complex_state=False, state_size=6), dict(num_scan_orders=1, use_rope=False),
+     dict(text_conditioning="scan_prefix", num_scan_orders=2)],
+)
+def test_ssd_mixer_trains_with_finite_gradients(kwargs):
+    model = tiny_ssd(**kwargs)
+    mixer = model.blocks[0].mixer
+    assert mixer.scan_type == "ssd" and mixer.num_heads == 4 and mixer.dt_proj.out_features == 4
+    assert mixer.log_lambda.shape == (4,) and (mixer.omega is None) == (not model.config.complex_state)
+    A = mixer.state_matrix()
+    assert A.shape == (4, model.config.state_size) and (A.real < 0).all() and A.is_complex() == model.config.complex_state
+    video, timestep, text, mask = inputs()
+    out = model(video, timestep, text, mask).sample
+    assert out.shape == video.shape
+    out.square().mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert mixer.log_lambda.grad.abs().sum() > 0 and mixer.dt_proj.weight.grad.abs().sum() > 0
+    if mixer.omega is not None:
+        assert mixer.omega.grad.abs().sum() > 0
+
+
+def test_ssd_mixer_equals_the_selective_scan_with_decays_tied_per_head():
+    """The SSD mixer computes the selective mixer's function when that one's decays, rotations and steps are per head."""
+    ssd = tiny_ssd(use_wavelet_gate=False)
+    selective = tiny_model(use_wavelet_gate=False, time_step_min=0.3, time_step_max=1.0)
+    m_ssd, m_sel = ssd.blocks[0].mixer, selective.blocks[0].mixer
+    heads, head_dim = m_ssd.num_heads, m_ssd.head_dim
+    n = m_ssd.state_size
+    with torch.no_grad():
+        for name in ("in_proj", "conv1d", "order_gate", "out_proj"):
+            getattr(m_sel, name).load_state_dict(getattr(m_ssd, name).state_dict())
+        m_sel.D.copy_(m_ssd.D)
+        # x_proj: the selective mixer reads B/C as blocked (re..., im...), the SSD one as interleaved pairs.
+        rank = m_ssd.time_step_rank
+        weight = m_ssd.x_proj.weight
+        pairs = weight[rank:].view(2, n, 2, -1)  # (B/C, state, re/im, in)
+        m_sel.x_proj.weight.copy_(torch.cat([weight[:rank], pairs.permute(0, 2, 1, 3).reshape(4 * n, -1)]))
+        m_sel.dt_proj.weight.copy_(m_ssd.dt_proj.weight.repeat_interleave(head_dim, 0))
+        m_sel.dt_proj.bias.copy_(m_ssd.dt_proj.bias.repeat_interleave(head_dim, 0))
+        m_sel.log_lambda.copy_(m_ssd.log_lambda[:, None].expand(heads, n).repeat_interleave(head_dim, 0))
+        m_sel.omega.copy_(m_ssd.omega.repeat_interleave(head_dim, 0))
+    video, timestep, text, mask = inputs()
+    route = ssd._build_route(video, timestep, (2, 4, 4), torch.ones(2, 5, dtype=torch.bool))
+    tokens = torch.randn(2, 32, 32)
+    torch.testing.assert_close(m_ssd(tokens, route), m_sel(tokens, route), rtol=1e-4, atol=1e-5)
+
+
+def test_ssd_rope_is_relative_and_matters():
+    video, timestep, _, _ = inputs()
+    model = tiny_ssd(use_wavelet_gate=False)
+    mixer = model.blocks[0].mixer
+    route = model._build_route(video, timestep, (2, 4, 4), torch.ones(2, 5, dtype=torch.bool))
+    tokens = torch.randn(2, 32, 32)
+    base = mixer(tokens, route)
+    route.angles = route.angles + torch.randn(route.angles.shape[-1])  # the same offset everywhere cancels
+    torch.testing.assert_close(mixer(tokens, route), base, rtol=1e-4, atol=1e-5)
+    route.angles = route.angles + torch.linspace(0, 3, 32)[:, None]  # a position-dependent change does not
+    assert not torch.allclose(mixer(tokens, route), base, atol=1e-4)
+
+
+@pytest.mark.parametrize("text_conditioning", ["cross_attention", "scan_prefix"])
+def test_ssd_with_wavelet_gate_gather_equals_mask_and_soft_equals_hard(text_conditioning):
+    video, timestep, text, mask = gated_inputs()
+    model = tiny_ssd(conv_kernel_size=0, text_conditioning=text_conditioning, gate_temperature=1e-4).eval()
+    lengths, hooks = record_mixer_lengths(model)
+    with torch.no_grad():
+        gathered = model(video, timestep, text, mask).sample
+        model.gate_gather = False
+        masked = model(video, timestep, text, mask).sample
+    for hook in hooks:
+        hook.remove()
+    prefix = 5 if text_conditioning == "scan_prefix" else 0
+    assert lengths == [prefix + 24, prefix + 24, prefix + 32, prefix + 32]  # skipped tokens never reach the scan
+    torch.testing.assert_close(gathered, masked, rtol=1e-4, atol=1e-5)
+    soft = model.train()(video, timestep, text, mask).sample
+    assert model.last_gate_stats["mode"] == "soft"
+    torch.testing.assert_close(soft.detach(), masked, rtol=1e-4, atol=1e-5)
+
+
+def test_ssd_training_step_reduces_the_loss():
+    model = tiny_ssd().train()
+    video, timestep, text, mask = inputs()
+    target = torch.randn_like(video) * 0.5
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = (model(video, timestep, text, mask).sample - target).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_ssd_model_round_trips_and_old_configs_load_as_selective(tmp_path):
+    model = tiny_ssd().eval()
+    video, timestep, text, mask = inputs()
+    with torch.no_grad():
+        expected = model(video, timestep, text, mask).sample
+    model.save_pretrained(tmp_path / "ssd")
+    loaded = ChronosMambaModel.from_pretrained(tmp_path / "ssd").eval()
+    assert loaded.config.scan_type == "ssd" and loaded.blocks[0].mixer.scan_type == "ssd"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(video, timestep, text, mask).sample, expected, rtol=0, atol=0)
+
+    # A config written before the SSD form has no scan keys: it must build (and load) the selective scan.
+    old = tiny_model()
+    old.save_pretrained(tmp_path / "old")
+    config_path = tmp_path / "old" / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("scan_type", "scan_head_dim", "scan_chunk_size"):
+        config.pop(key)
+    config_path.write_text(json.dumps(config))
+    reloaded = ChronosMambaModel.from_pretrained(tmp_path / "old").eval()
+    assert reloaded.config.scan_type == "selective" and reloaded.blocks[0].mixer.log_lambda.shape == (64, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(video, timestep, text, mask).sample, old.eval()(video, timestep, text, mask).sample,
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"scan_type": "mamba3"}, "scan_type"), ({"scan_type": "ssd", "scan_head_dim": 24}, "scan_head_dim"),
+     ({"scan_chunk_size": 0}, "scan_chunk_size")],
+)
+def test_bad_scan_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**kwargs)

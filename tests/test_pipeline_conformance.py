@@ -10,7 +10,15 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
-from chronos_video import ChronosFlowMatchScheduler, ChronosMambaModel, ChronosPipeline, NanoSoraPipeline, build_text_encoder
+from chronos_video import (
+    ChronosFlowMatchScheduler,
+    ChronosMambaModel,
+    ChronosPipeline,
+    HRMVideoModel,
+    HRMVideoPipeline,
+    NanoSoraPipeline,
+    build_text_encoder,
+)
 from chronos_video.guidance import ConstraintTransport
 from chronos_video.pipelines.pipeline_flow_video import FlowVideoPipeline
 from chronos_video.precision import PrecisionSchedule
@@ -31,7 +39,17 @@ def make_tiny_chronos_pipeline(tokenizer) -> ChronosPipeline:
     return pipe
 
 
-BUILDERS = {"nano-sora": make_tiny_pipeline, "chronos-v": make_tiny_chronos_pipeline}
+def make_tiny_hrm_pipeline(tokenizer) -> HRMVideoPipeline:
+    torch.manual_seed(0)
+    text_encoder = build_text_encoder(len(tokenizer), d_model=32, num_layers=1, num_heads=2)
+    transformer = HRMVideoModel(sample_frames=4, sample_height=16, sample_width=16, hidden_size=32, num_attention_heads=4,
+                                text_embed_dim=32, h_layers=1, l_layers=1, max_segments=2)
+    pipe = HRMVideoPipeline(tokenizer, text_encoder, perturb_zero_init(transformer, std=0.05).eval(), ChronosFlowMatchScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+BUILDERS = {"nano-sora": make_tiny_pipeline, "chronos-v": make_tiny_chronos_pipeline, "hrm": make_tiny_hrm_pipeline}
 
 
 def sample(pipe, steps: int = 3, **kwargs):
@@ -219,7 +237,7 @@ def test_shipped_pipelines_keep_their_policy_in_either_layout():
 
 # ----------------------------------------------------------------------------------------- one class, two names
 def test_pipeline_classes_are_thin_and_load_like_diffusers_pipelines(tiny_tokenizer, tmp_path):
-    for cls in (ChronosPipeline, NanoSoraPipeline):
+    for cls in (ChronosPipeline, HRMVideoPipeline, NanoSoraPipeline):
         assert cls.__init__ is FlowVideoPipeline.__init__
         modules, optional = cls._get_signature_keys(cls)
         assert modules == ["scheduler", "text_encoder", "tokenizer", "transformer", "vae"] and optional == sorted(POLICY_KEYS)

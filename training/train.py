@@ -39,14 +39,13 @@ with quiet_backend_imports():  # accelerate, diffusers and peft import the optio
     from chronos_video.data import build_shapes_dataset
     from chronos_video.evaluation.pipeline_eval import learning_curve_metrics
     from chronos_video.flow_matching import (
-        flow_matching_loss,
         frames_to_model_input,
         rectified_flow_inputs,
         sample_flow_sigmas,
         sigmas_to_timesteps,
     )
     from chronos_video.registry import get_architecture
-    from chronos_video.training_builders import TextToVideoModule, build_backbone, build_pipeline, build_text_model
+    from chronos_video.training_builders import TextToVideoModule, TrainingObjective, build_backbone, build_pipeline, build_text_model
     from chronos_video.training_config import TrainConfig
     from chronos_video.training_config import parse_config as _parse_config
     from chronos_video.training_utils import curriculum_batch_indices, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -201,6 +200,7 @@ def main(argv: list[str] | None = None) -> Path:
         text_encoder.requires_grad_(False)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    objective = TrainingObjective(config, transformer)  # flow loss, or deep supervision for recursive backbones
 
     module = TextToVideoModule(transformer, text_encoder)
     frozen_text = [p for p in text_encoder.parameters() if not p.requires_grad] if not config.train_text_encoder else []
@@ -271,8 +271,9 @@ def main(argv: list[str] | None = None) -> Path:
         device = accelerator.device
         with accelerator.accumulate(module):
             with accelerator.autocast():
-                prediction = module(noisy.to(device), sigmas_to_timesteps(sigmas).to(device), tokens.input_ids.to(device), tokens.attention_mask.to(device))
-            loss = flow_matching_loss(prediction, target.to(device), sigmas, config.weighting_scheme)
+                prediction = module(noisy.to(device), sigmas_to_timesteps(sigmas).to(device), tokens.input_ids.to(device),
+                                    tokens.attention_mask.to(device), **objective.forward_kwargs)
+            loss, loss_stats = objective(prediction, target.to(device), sigmas)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> Path:
         loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         if config.report_to and global_step % config.logging_steps == 0:
-            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], **loss_stats}, step=global_step)
         if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
             if accelerator.is_main_process:
                 states = {

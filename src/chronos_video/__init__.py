@@ -18,9 +18,11 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "ChronosAttention": ".models",
     "ChronosMambaModel": ".models",
+    "HRMVideoModel": ".models",
     "NanoSoraTransformer3DModel": ".models",
     "ChronosPipeline": ".pipelines",
     "FlowVideoPipeline": ".pipelines",
+    "HRMVideoPipeline": ".pipelines",
     "NanoSoraPipeline": ".pipelines",
     "VideoPipelineOutput": ".pipelines",
     "ChronosFlowMatchScheduler": ".schedulers",
@@ -32,8 +34,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .models import ChronosAttention, ChronosMambaModel, NanoSoraTransformer3DModel
-    from .pipelines import ChronosPipeline, FlowVideoPipeline, NanoSoraPipeline, VideoPipelineOutput
+    from .models import ChronosAttention, ChronosMambaModel, HRMVideoModel, NanoSoraTransformer3DModel
+    from .pipelines import ChronosPipeline, FlowVideoPipeline, HRMVideoPipeline, NanoSoraPipeline, VideoPipelineOutput
     from .schedulers import ChronosFlowMatchScheduler
     from .text import build_text_encoder, pretrain_text_encoder, train_caption_tokenizer
 

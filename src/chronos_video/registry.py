@@ -34,13 +34,16 @@ def list_architectures() -> list[str]:
 
 
 def _register_builtin() -> None:
+    from .models.hrm_video import HRMVideoModel
     from .models.mamba_chronos import ChronosMambaModel
     from .models.transformer_nanosora import NanoSoraTransformer3DModel
     from .pipelines.pipeline_chronos import ChronosPipeline
+    from .pipelines.pipeline_hrm import HRMVideoPipeline
     from .pipelines.pipeline_nanosora import NanoSoraPipeline
 
     register_architecture("chronos-v", ChronosMambaModel, ChronosPipeline)
     register_architecture("nano-sora", NanoSoraTransformer3DModel, NanoSoraPipeline)
+    register_architecture("hrm", HRMVideoModel, HRMVideoPipeline)
 
 
 _register_builtin()

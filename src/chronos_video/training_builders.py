@@ -15,7 +15,7 @@ from .schedulers import ChronosFlowMatchScheduler
 from .text import build_text_encoder, pretrain_text_encoder, train_caption_tokenizer
 from .training_config import TrainConfig
 
-__all__ = ["TextToVideoModule", "backbone_kwargs", "build_backbone", "build_pipeline", "build_text_model"]
+__all__ = ["TextToVideoModule", "TrainingObjective", "backbone_kwargs", "build_backbone", "build_pipeline", "build_text_model"]
 
 
 class TextToVideoModule(torch.nn.Module):
@@ -26,11 +26,56 @@ class TextToVideoModule(torch.nn.Module):
         self.transformer = transformer
         self.text_encoder = text_encoder
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, **transformer_kwargs):
+        """The predicted velocity; with `transformer_kwargs` (e.g. `deep_supervision=True`), the backbone's full output."""
         text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.transformer(
-            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text, encoder_attention_mask=attention_mask, return_dict=False
-        )[0]
+        output = self.transformer(
+            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text, encoder_attention_mask=attention_mask,
+            return_dict=bool(transformer_kwargs), **transformer_kwargs,
+        )
+        return output if transformer_kwargs else output[0]
+
+
+class TrainingObjective:
+    """The loss a config trains its backbone with, so `training/train.py` has one code path.
+
+    Flow matching (`flow_matching_loss`) for every backbone; a recursive backbone (`HRMVideoModel`,
+    `_supports_deep_supervision`) is run with `deep_supervision=True` over `config.deep_supervision`'s
+    segments and trained with `deep_supervision_loss` (flow loss per segment + halting BCE).
+    """
+
+    def __init__(self, config: TrainConfig, transformer: torch.nn.Module):
+        self.weighting_scheme = config.weighting_scheme
+        self.deep_supervision: dict[str, Any] | None = None
+        if getattr(transformer, "_supports_deep_supervision", False):
+            settings = {"segments": transformer.config.max_segments, "halt_tau": 0.01, "halt_loss_weight": 0.5, **config.deep_supervision}
+            segments = settings["segments"]
+            if not isinstance(segments, int) or isinstance(segments, bool) or segments < 1:
+                raise ValueError(f"`deep_supervision.segments` must be a positive integer, got {segments!r}.")
+            for key in ("halt_tau", "halt_loss_weight"):
+                if not isinstance(settings[key], (int, float)) or settings[key] < 0:
+                    raise ValueError(f"`deep_supervision.{key}` must be a non-negative number, got {settings[key]!r}.")
+            self.deep_supervision = settings
+
+    @property
+    def forward_kwargs(self) -> dict[str, Any]:
+        """Extra arguments of the backbone's training forward (through `TextToVideoModule`)."""
+        if self.deep_supervision is None:
+            return {}
+        return {"deep_supervision": True, "max_segments": self.deep_supervision["segments"]}
+
+    def __call__(self, prediction, target: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, float statistics to log) for the module's output on one batch."""
+        if self.deep_supervision is None:
+            from .flow_matching import flow_matching_loss
+
+            return flow_matching_loss(prediction, target, sigmas, self.weighting_scheme), {}
+        from .models.hrm_video import deep_supervision_loss
+
+        return deep_supervision_loss(
+            prediction, target, sigmas, self.weighting_scheme,
+            halt_tau=float(self.deep_supervision["halt_tau"]), halt_loss_weight=float(self.deep_supervision["halt_loss_weight"]),
+        )
 
 
 def build_text_model(config: TrainConfig, captions: list[str]):

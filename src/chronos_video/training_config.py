@@ -15,7 +15,9 @@ import yaml
 
 from .import_utils import quiet_backend_imports
 
-__all__ = ["TrainConfig", "parse_config"]
+__all__ = ["DEEP_SUPERVISION_KEYS", "TrainConfig", "parse_config"]
+
+DEEP_SUPERVISION_KEYS = frozenset({"segments", "halt_tau", "halt_loss_weight"})
 
 
 @dataclass
@@ -44,6 +46,10 @@ class TrainConfig:
     text_encoder_pretrain_steps: int = 0
     train_text_encoder: bool = True
     scheduler: dict[str, Any] = field(default_factory=lambda: {"shift": 1.0, "solver": "euler"})
+    # Recursive backbones (architecture "hrm"): deep supervision over `segments` segments (default: the
+    # model's max_segments) with the carry detached, plus the halting BCE of weight `halt_loss_weight` on
+    # "the next segment lowers the flow loss by less than the fraction `halt_tau`".
+    deep_supervision: dict[str, Any] = field(default_factory=dict)
     # optimisation
     max_train_steps: int = 1000
     train_batch_size: int = 16
@@ -123,10 +129,15 @@ class TrainConfig:
             raise ValueError("`lora_rank` > 0 fine-tunes a trained pipeline: set `pretrained_pipeline` too.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id`.")
+        unknown = set(self.deep_supervision) - DEEP_SUPERVISION_KEYS
+        if unknown:
+            raise ValueError(f"Unknown `deep_supervision` keys {sorted(unknown)}; known: {sorted(DEEP_SUPERVISION_KEYS)}.")
         with quiet_backend_imports():  # the registry imports every model family
             from .registry import get_architecture
 
-        get_architecture(self.architecture)
+        model_class = get_architecture(self.architecture).model_class
+        if self.deep_supervision and not getattr(model_class, "_supports_deep_supervision", False):
+            raise ValueError(f"`deep_supervision` needs a recursive backbone; architecture {self.architecture!r} has none.")
 
 
 def _set_nested(config: dict[str, Any], dotted_key: str, raw_value: str) -> None:

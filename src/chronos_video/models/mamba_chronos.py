@@ -23,6 +23,11 @@ Design choices:
   receive the cross-attention and the modulated MLP.
 * Scan orders, their inverses and the RoPE angles of one forward are built once
   (`scan_route.build_scan_route`) from the grid and the gate's decision.
+* Two scan forms (`scan_type`): "selective" (default, the shipped checkpoints) gives every channel and
+  state its own decay and runs `ops.selective_scan`, an elementwise recurrence; "ssd" shares the decay
+  within heads of `scan_head_dim` channels and keeps one rotation frequency per state, which makes the
+  scan a chunked matrix computation (`ops.complex_ssd_scan`, Mamba-2's state-space duality): the
+  data-dependent rotation and the 3D RoPE fold into one rotation of B and C.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..ops.selective_scan import selective_scan
+from ..ops.ssd_scan import complex_ssd_scan, ssd_scan
 from .attention import ChronosAttention
 from .backbone import VideoBackboneMixin
 from .embeddings import AdaLNZero, apply_rotary, modulate
@@ -46,6 +52,7 @@ from .scan_route import ScanRoute, build_scan_route, invert_permutation, scan_or
 from .wavelet_gate import GateDecision, WaveletGate, tubelet_detail_energy, ungated
 
 TEXT_CONDITIONING_MODES = ("cross_attention", "scan_prefix")
+SCAN_TYPES = ("selective", "ssd")
 
 
 class OmniComplexMambaMixer(nn.Module):
@@ -58,7 +65,9 @@ class OmniComplexMambaMixer(nn.Module):
 
     Takes the model's config once, as transformers' `MambaMixer` does: it reads `hidden_size`,
     `state_size`, `expand`, `conv_kernel_size`, `time_step_rank`, `time_step_min`, `time_step_max`,
-    `num_scan_orders`, `complex_state` and `use_rope` (see `ChronosMambaModel`).
+    `num_scan_orders`, `complex_state`, `use_rope`, `scan_type`, `scan_head_dim` and `scan_chunk_size`
+    (see `ChronosMambaModel`). With `scan_type="ssd"` delta, the decay and the rotation frequencies are
+    per head (`num_heads` = inner width / `scan_head_dim`) instead of per channel.
     """
 
     def __init__(self, config):
@@ -71,6 +80,12 @@ class OmniComplexMambaMixer(nn.Module):
         self.num_scan_orders = config.num_scan_orders
         self.time_step_rank = config.time_step_rank or math.ceil(hidden_size / 16)
         inner, rank = self.inner_size, self.time_step_rank
+        # Configs saved before the SSD form have no scan keys: they load as the selective scan they were.
+        self.scan_type = getattr(config, "scan_type", "selective")
+        self.head_dim = getattr(config, "scan_head_dim", 16) if self.scan_type == "ssd" else 1
+        self.num_heads = inner // self.head_dim
+        self.chunk_size = getattr(config, "scan_chunk_size", 64)
+        step_sizes = self.num_heads if self.scan_type == "ssd" else inner  # one delta per head or per channel
 
         self.in_proj = nn.Linear(hidden_size, 2 * inner, bias=False)
         self.conv1d = None
@@ -79,7 +94,7 @@ class OmniComplexMambaMixer(nn.Module):
             self.conv1d = nn.Conv1d(inner, inner, kernel, groups=inner, padding=kernel - 1)
         bc_size = 4 * state_size if self.complex_state else 2 * state_size  # complex B and C carry (re, im)
         self.x_proj = nn.Linear(inner, rank + bc_size, bias=False)
-        self.dt_proj = nn.Linear(rank, inner)
+        self.dt_proj = nn.Linear(rank, step_sizes)
         self.order_gate = nn.Linear(hidden_size, self.num_scan_orders) if self.num_scan_orders > 1 else None
         self.out_proj = nn.Linear(inner, hidden_size, bias=False)
 
@@ -87,12 +102,19 @@ class OmniComplexMambaMixer(nn.Module):
         with torch.no_grad():
             nn.init.uniform_(self.dt_proj.weight, -(rank**-0.5), rank**-0.5)
             log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
-            dt = torch.exp(torch.rand(inner) * (log_max - log_min) + log_min)
+            dt = torch.exp(torch.rand(step_sizes) * (log_max - log_min) + log_min)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
             if self.order_gate is not None:  # start as the plain average of the orders
                 nn.init.zeros_(self.order_gate.weight)
                 nn.init.zeros_(self.order_gate.bias)
-        if self.complex_state:
+        if self.scan_type == "ssd":
+            # One decay per head, log-spaced over [1/2, 8] so heads keep different memories; per-state rotations
+            # as S4D-Lin's ladder pi*n (complex state) or none (real state).
+            heads = self.num_heads
+            self.log_lambda = nn.Parameter(torch.linspace(math.log(0.5), math.log(8.0), heads))
+            omega = math.pi * torch.arange(state_size, dtype=torch.float32).repeat(heads, 1)
+            self.omega = nn.Parameter(omega) if self.complex_state else None
+        elif self.complex_state:
             # S4D-Lin: A_n = -1/2 + i*pi*n, slow decay and a ladder of rotation frequencies.
             self.log_lambda = nn.Parameter(torch.full((inner, state_size), math.log(0.5)))
             self.omega = nn.Parameter(math.pi * torch.arange(state_size, dtype=torch.float32).repeat(inner, 1))
@@ -109,8 +131,11 @@ class OmniComplexMambaMixer(nn.Module):
         return 2 * self.state_size if self.complex_state else self.state_size
 
     def state_matrix(self) -> torch.Tensor:
-        """A (inner, N): complex64 -exp(log_lambda) + i*omega, or real float32 -exp(log_lambda)."""
+        """A (inner, N), or (num_heads, N) for the SSD form: complex64 -exp(log_lambda) + i*omega, or real
+        float32 -exp(log_lambda)."""
         decay = -torch.exp(self.log_lambda.float())
+        if self.scan_type == "ssd":
+            decay = decay[:, None].expand(-1, self.state_size)
         if self.complex_state:
             return torch.complex(decay, self.omega.float())
         if decay.shape[1] != self.state_size:
@@ -141,6 +166,29 @@ class OmniComplexMambaMixer(nn.Module):
             c = apply_rotary(c, route.angles)
         return b.transpose(1, 2), c.transpose(1, 2)
 
+    def _ssd_scan(self, x: torch.Tensor, delta: torch.Tensor, state_params: torch.Tensor, route: ScanRoute) -> torch.Tensor:
+        """The SSD form: (S*B, L', E) inputs, (S*B, L', heads) steps -> (S*B, L', E) scan outputs (D skip included).
+
+        Complex state: B and C are N interleaved (re, im) pairs, and the 3D RoPE angles are handed to the op,
+        which adds them to the data-dependent phase and turns B and C once. Real state: RoPE turns pairs of
+        B and C as in the selective form, then a real SSD.
+        """
+        rows, length, inner = x.shape
+        heads, n = self.num_heads, self.state_size
+        x_heads = x.view(rows, length, heads, self.head_dim)
+        rate = -torch.exp(self.log_lambda.float())
+        skip = self.D.float().view(heads, self.head_dim)
+        if self.complex_state:
+            b, c = state_params[..., : 2 * n].unsqueeze(2), state_params[..., 2 * n :].unsqueeze(2)
+            phase = route.angles if self.use_rope else None
+            y = complex_ssd_scan(x_heads, delta, rate, b, c, omega=self.omega.float(), phase=phase, chunk_size=self.chunk_size, D=skip)
+        else:
+            b, c = state_params[..., :n], state_params[..., n:]
+            if self.use_rope:
+                b, c = apply_rotary(b, route.angles), apply_rotary(c, route.angles)
+            y = ssd_scan(x_heads, delta, rate, b.unsqueeze(2), c.unsqueeze(2), chunk_size=self.chunk_size, D=skip)
+        return y.reshape(rows, length, inner)
+
     def forward(self, hidden_states: torch.Tensor, route: ScanRoute) -> torch.Tensor:
         """(B, L', D) tokens in sequence order -> (B, L', D) mixer output."""
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
@@ -150,9 +198,12 @@ class OmniComplexMambaMixer(nn.Module):
         delta = F.softplus(self.dt_proj(params[..., :rank]))
         if route.step_scale is not None:
             delta = delta * route.step_scale.to(delta.dtype)
-        b, c = self._state_inputs(params[..., rank:], route)
-        y = selective_scan(x.transpose(1, 2), delta.transpose(1, 2), self.state_matrix(), b, c, D=self.D.float())
-        y = route.from_orders(y.transpose(1, 2))  # (S, B, L', E)
+        if self.scan_type == "ssd":
+            y = self._ssd_scan(x, delta, params[..., rank:], route)
+        else:
+            b, c = self._state_inputs(params[..., rank:], route)
+            y = selective_scan(x.transpose(1, 2), delta.transpose(1, 2), self.state_matrix(), b, c, D=self.D.float()).transpose(1, 2)
+        y = route.from_orders(y)  # (S, B, L', E)
         if self.order_gate is None:
             merged = y[0]
         else:
@@ -225,6 +276,10 @@ class ChronosMambaModel(VideoBackboneMixin, ModelMixin, ConfigMixin, PeftAdapter
         complex_state: A = -exp(log_lambda) + i*omega when True, real A = -exp(log_lambda) when False.
         use_rope: 3D RoPE on the scan's B (by -theta*p) and C (by +theta*p) for a complex state, on
             pairs of real states (both by +theta*p) otherwise; `rope_theta` its base.
+        scan_type: "selective" (per-channel decays, elementwise scan; the shipped checkpoints) or "ssd"
+            (decay shared within heads, per-state rotations; chunked matmul scan, see the module docstring).
+        scan_head_dim: channels per SSD head (must divide `expand * hidden_size`); ignored by "selective".
+        scan_chunk_size: steps per chunk of the SSD scan's matrix form (speed only, not the result).
         text_conditioning: "cross_attention" (to the text tokens) or "scan_prefix" (text tokens
             prepended to every scan order).
         num_attention_heads, num_kv_heads, qk_norm: the cross-attention (GQA when kv heads < heads).
@@ -286,6 +341,9 @@ class ChronosMambaModel(VideoBackboneMixin, ModelMixin, ConfigMixin, PeftAdapter
         prediction_type: str = "velocity",
         frame_conditioning: bool = False,
         text_pooling: str = "mean",
+        scan_type: str = "selective",
+        scan_head_dim: int = 16,
+        scan_chunk_size: int = 64,
     ):
         super().__init__()
         self._check_config(self.config)
@@ -314,6 +372,16 @@ class ChronosMambaModel(VideoBackboneMixin, ModelMixin, ConfigMixin, PeftAdapter
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if config.conv_kernel_size < 0:
             raise ValueError(f"`conv_kernel_size` must be >= 0 (0 disables the conv), got {config.conv_kernel_size}.")
+        if config.scan_type not in SCAN_TYPES:
+            raise ValueError(f"`scan_type` must be one of {SCAN_TYPES}, got {config.scan_type!r}.")
+        for name in ("scan_head_dim", "scan_chunk_size"):
+            if not isinstance(config[name], int) or config[name] < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {config[name]!r}.")
+        if config.scan_type == "ssd" and (config.expand * config.hidden_size) % config.scan_head_dim:
+            raise ValueError(
+                f"`scan_head_dim`={config.scan_head_dim} must divide the mixer width `expand * hidden_size`="
+                f"{config.expand * config.hidden_size} for `scan_type`='ssd'."
+            )
         if config.num_scan_orders not in (1, 2, 4):
             raise ValueError(f"`num_scan_orders` must be 1, 2 or 4, got {config.num_scan_orders}.")
         if config.text_conditioning not in TEXT_CONDITIONING_MODES:

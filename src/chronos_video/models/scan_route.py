@@ -54,7 +54,7 @@ class ScanRoute:
     flat_inverse: torch.Tensor  # (S*B*L',) indices into the (S*B*L') rows: scan orders -> sequence
     step_scale: torch.Tensor | None  # (S*B, L', 1) multiplies delta (soft mask, padding = 0)
     rotation: torch.Tensor | None  # complex state: (S*B, L', N) unit phasors e^{i theta p}
-    angles: torch.Tensor | None  # real state: (S*B, L', N/2) rotation angles of state pairs
+    angles: torch.Tensor | None  # (S*B, L', rope_dim/2) RoPE angles (real state: of state pairs; complex: of states)
     prefix_length: int = 0
     kept_index: torch.Tensor | None = None  # gather mode: (B, Lk) raster indices of the kept tokens
     kept_valid: torch.Tensor | None = None  # gather mode: (B, Lk, 1) 1 for kept tokens, 0 for padding
@@ -141,8 +141,7 @@ def build_scan_route(
     if rope is not None:
         rope_dim, theta, complex_state = rope
         angles = route.along_orders(sequence_rope_angles(grid, gate.token_raster, prefix, rope_dim, theta), batch)
+        route.angles = angles  # the SSD form folds the angles into its own rotation of B and C
         if complex_state:
             route.rotation = torch.polar(torch.ones_like(angles), angles)
-        else:
-            route.angles = angles
     return route

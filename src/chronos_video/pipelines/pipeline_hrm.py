@@ -1,0 +1,96 @@
+"""HRMVideoPipeline: text-to-video with the hierarchical recursive-reasoning backbone (HRM-Video)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from ..flow_matching import classifier_free_guidance
+from ..models.hrm_video import HRMCarry, HRMVideoModel
+from .pipeline_flow_video import FlowVideoPipeline, VideoPipelineOutput
+
+
+class HRMVideoPipeline(FlowVideoPipeline):
+    """Text-to-video with [`HRMVideoModel`].
+
+    Components, checks, sampling loop, outputs and config are [`FlowVideoPipeline`]'s. Only the model
+    evaluation differs: every evaluation runs the backbone's recursion, segment by segment, until each
+    sample's halting head fires (or `max_segments`), and may start from the previous evaluation's
+    carry (z_H, z_L) instead of zeros, because neighbouring sampling steps see nearly the same input.
+
+    Extra call arguments (everything else is [`FlowVideoPipeline.__call__`]'s):
+        halting: stop each sample's recursion when its halting head says so (default True);
+            False runs `max_segments` segments at every step.
+        warm_start: start each evaluation from the previous one's carry (default True).
+        max_segments: most segments per evaluation (default: the backbone config's).
+
+    Every `trace` entry gains `segments` (one count per video of the conditional batch) and, under
+    classifier-free guidance, `segments_unconditional`.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from chronos_video import HRMVideoPipeline
+
+        >>> pipe = HRMVideoPipeline.from_pretrained("path/to/hrm-pipeline")
+        >>> out = pipe("a small red circle moving left to right slowly", generator=torch.Generator().manual_seed(0))
+        >>> [step["segments"] for step in out.trace]  # segments each video used at each sampling step
+        ```
+    """
+
+    transformer: HRMVideoModel
+
+    def __call__(self, *args, halting: bool = True, warm_start: bool = True, max_segments: int | None = None, **kwargs):
+        for name, value in (("halting", halting), ("warm_start", warm_start)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+        if max_segments is not None and (not isinstance(max_segments, int) or isinstance(max_segments, bool) or max_segments < 1):
+            raise ValueError(f"`max_segments` must be a positive integer or None, got {max_segments!r}.")
+        self._recursion = {"halting": halting, "warm_start": warm_start, "max_segments": max_segments}
+        self._carry: HRMCarry | None = None
+        self._segment_trace: list[dict[str, Any]] = []
+        try:
+            output = super().__call__(*args, **kwargs)
+        finally:
+            self._carry = None
+            self._recursion = None
+        if isinstance(output, VideoPipelineOutput) and output.trace is not None:
+            # one model evaluation per trace entry, in order (interrupted steps add neither)
+            for record, segments in zip(output.trace, self._segment_trace):
+                record.update(segments)
+        return output
+
+    def predict_velocity(self, latents, timestep, prompt_embeds, prompt_mask, attention_kwargs) -> torch.Tensor:
+        """One (classifier-free guided) velocity evaluation; records the segments each row used."""
+        settings = getattr(self, "_recursion", None) or {"halting": True, "warm_start": False, "max_segments": None}
+        model_input = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
+        carry = getattr(self, "_carry", None) if settings["warm_start"] else None
+        if carry is not None and carry.high.shape[0] != model_input.shape[0]:
+            carry = None
+        cache_context = getattr(self.transformer, "cache_context", None)
+        with cache_context("cond_uncond") if cache_context is not None else nullcontext():
+            output = self.transformer(
+                hidden_states=model_input.to(self.transformer.dtype),
+                timestep=timestep.expand(model_input.shape[0]),
+                encoder_hidden_states=prompt_embeds,
+                encoder_attention_mask=prompt_mask,
+                attention_kwargs=attention_kwargs,
+                return_dict=True,
+                carry=carry,
+                max_segments=settings["max_segments"],
+                halting=settings["halting"],
+            )
+        self._carry = output.carry if settings["warm_start"] else None
+        segments = [int(s) for s in output.segments]
+        velocity = output.sample.float()
+        if self.do_classifier_free_guidance:
+            half = len(segments) // 2
+            record = {"segments": segments[half:], "segments_unconditional": segments[:half]}
+            velocity = classifier_free_guidance(*velocity.chunk(2), self._guidance_scale)
+        else:
+            record = {"segments": segments}
+        if getattr(self, "_segment_trace", None) is not None:
+            self._segment_trace.append(record)
+        return velocity
