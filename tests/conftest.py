@@ -43,6 +43,17 @@ def backbone_inputs(batch: int = 2, text_dim: int = 24):
     return video, torch.tensor([900.0, 50.0])[:batch], text, mask
 
 
+def check_attention_dispatch(model: torch.nn.Module) -> None:
+    """The model's attention modules are diffusers `AttentionModuleMixin`s: our processor everywhere, and
+    switching the dispatch backend to "native" leaves the output unchanged."""
+    video, timestep, text, mask = backbone_inputs()
+    with torch.no_grad():
+        base = model(video, timestep, text, mask).sample
+        assert model.attn_processors and all(type(p).__name__ == "ChronosAttnProcessor" for p in model.attn_processors.values())
+        model.set_attention_backend("native")
+        assert torch.equal(model(video, timestep, text, mask).sample, base)
+
+
 def make_tiny_pipeline(tokenizer, seed: int = 0, **model_kwargs) -> NanoSoraPipeline:
     torch.manual_seed(seed)
     text_encoder = build_text_encoder(len(tokenizer), d_model=32, num_layers=1, num_heads=2)

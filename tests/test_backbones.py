@@ -21,7 +21,7 @@ from chronos_video import (
     NanoSoraTransformer3DModel,
     build_text_encoder,
 )
-from conftest import backbone_inputs, perturb_zero_init
+from conftest import backbone_inputs, check_attention_dispatch, perturb_zero_init
 
 FAMILIES = {
     "nano-sora": (NanoSoraTransformer3DModel, NanoSoraPipeline, {}, ["to_q", "to_k", "to_v", "to_out"]),
@@ -138,13 +138,7 @@ def test_bad_input_errors(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_goes_through_diffusers_dispatch(family):
     """The attention modules are diffusers `AttentionModuleMixin`s: backends and processors can be set."""
-    model = tiny_model(family).eval()
-    video, timestep, text, mask = backbone_inputs()
-    with torch.no_grad():
-        base = model(video, timestep, text, mask).sample
-        assert model.attn_processors and all(type(p).__name__ == "ChronosAttnProcessor" for p in model.attn_processors.values())
-        model.set_attention_backend("native")
-        assert torch.equal(model(video, timestep, text, mask).sample, base)
+    check_attention_dispatch(tiny_model(family).eval())
 
 
 # ---------------------------------------------------------------------------------------------- cache hooks

@@ -78,3 +78,88 @@ def test_ssd_benchmark_quick_mode_prints_both_tables():
         assert row in result.stdout, row
     assert "| 256 | " in result.stdout.split("### Whole model")[1] and "error" not in result.stdout
     assert "Crossover:" in result.stdout
+
+
+def make_tiny_hrm_folder(tokenizer, folder: Path, halt: bool) -> Path:
+    """A tiny saved HRMVideoPipeline (max 3 segments) whose halting head always (or never) fires."""
+    import torch
+    from conftest import perturb_zero_init
+
+    from chronos_video import ChronosFlowMatchScheduler, HRMVideoModel, HRMVideoPipeline, build_text_encoder
+
+    torch.manual_seed(0)
+    text_encoder = build_text_encoder(len(tokenizer), d_model=32, num_layers=1, num_heads=2)
+    transformer = HRMVideoModel(sample_frames=4, sample_height=16, sample_width=16, hidden_size=32, num_attention_heads=2,
+                                text_embed_dim=32, h_layers=1, l_layers=1, h_cycles=1, l_cycles=2, max_segments=3)
+    perturb_zero_init(transformer, std=0.05)
+    with torch.no_grad():
+        transformer.halt_head.proj.weight.zero_()
+        transformer.halt_head.proj.bias.fill_(5.0 if halt else -5.0)
+    HRMVideoPipeline(tokenizer, text_encoder, transformer, ChronosFlowMatchScheduler()).save_pretrained(folder)
+    return folder
+
+
+def test_hrm_halting_benchmark_counts_segments_per_setting(tmp_path, tiny_tokenizer):
+    """`bench_hrm_halting.py` on a tiny HRM pipeline whose halting head always fires: the four settings run the
+    same prompts; halting cuts every sampling step to one segment of three, warm start alone changes the videos."""
+    folder = make_tiny_hrm_folder(tiny_tokenizer, tmp_path / "hrm", halt=True)
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_hrm_halting.py"), "--pipeline", str(folder), "--num-prompts", "2",
+               "--batch-size", "2", "--steps", "3", "--output", str(tmp_path / "halting.json")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {row["setting"]: row for row in json.loads((tmp_path / "halting.json").read_text())["rows"]}
+    assert list(rows) == ["max segments", "halting", "warm start", "halting + warm start"]
+    assert rows["max segments"]["segments_per_step"] == rows["warm start"]["segments_per_step"] == 3.0
+    assert rows["max segments"]["segments_per_step_unconditional"] == 3.0  # guidance 4: the unconditional half too
+    assert rows["halting"]["segments_per_step"] == rows["halting + warm start"]["segments_per_step"] == 1.0
+    assert abs(rows["halting"]["segments_saved"] - 2 / 3) < 1e-9 and rows["max segments"]["segments_saved"] == 0.0
+    assert rows["max segments"]["mean_abs_pixel_diff"] == 0.0 and rows["warm start"]["mean_abs_pixel_diff"] > 0
+    assert all(set(row["oracle"]) >= {"color", "direction", "all"} and row["seconds_per_video"] > 0 for row in rows.values())
+    assert "| halting + warm start | 1.00 / 3 |" in result.stdout and "| setting | segments / step |" in result.stdout
+
+
+def test_hrm_halting_benchmark_rejects_a_non_hrm_pipeline(tmp_path, tiny_tokenizer):
+    from conftest import make_tiny_pipeline
+
+    make_tiny_pipeline(tiny_tokenizer).save_pretrained(tmp_path / "nano")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_hrm_halting.py"), "--pipeline", str(tmp_path / "nano"),
+                             "--num-prompts", "1", "--steps", "1"], cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert result.returncode != 0 and "not an HRMVideoPipeline" in result.stderr
+
+
+def test_hrm_ablations_quick_mode_trains_and_scores_every_variant(tmp_path):
+    """`hrm_ablations.py --quick`: all five variants train (2 steps of hrm_smoke.yaml) and are scored; the
+    Nano-Sora row has the HRM row's parameters (but the halting head), direct-mse samples in one step."""
+    command = [sys.executable, str(REPO / "benchmarks" / "hrm_ablations.py"), "--quick", "--output_dir", str(tmp_path / "out"),
+               "--", "--data.cache_dir", str(tmp_path / "cache")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {row["name"]: row for row in json.loads((tmp_path / "out" / "ablations.json").read_text())["rows"]}
+    assert list(rows) == ["hrm-one-step", "trm-full-recursion", "shared-weights", "direct-mse", "nano-sora"]
+    hrm = rows["hrm-one-step"]
+    assert 0 < hrm["parameters"] - rows["nano-sora"]["parameters"] <= 2 * 32 + 1  # the halting head's Linear(2 * hidden, 1)
+    assert rows["shared-weights"]["parameters"] < hrm["parameters"] == rows["trm-full-recursion"]["parameters"]
+    assert rows["direct-mse"]["sampling_steps"] == 1 and rows["direct-mse"]["guidance_scale"] == 1.0 and hrm["sampling_steps"] == 2
+    for row in rows.values():
+        assert row["steps"] == 2 and row["seconds_per_step"] > 0 and set(row["oracle"]) >= {"color", "direction", "all"}
+        assert Path(row["strip"]).is_file()
+    config = json.loads((tmp_path / "out" / "direct-mse" / "training_config.json").read_text())
+    assert config["objective"] == "direct" and config["model"]["prediction_type"] == "sample"
+    assert "| variant | params (M) |" in result.stdout and "| nano-sora |" in result.stdout
+
+
+def test_hrm_ablations_budget_and_errors(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import hrm_ablations
+    finally:
+        sys.path.pop(0)
+    assert hrm_ablations.steps_for_budget(60, 1.7) == 2117 and hrm_ablations.steps_for_budget(0.001, 10.0) == 1
+    overrides = hrm_ablations.nano_sora_overrides({"hidden_size": 96, "h_layers": 2, "l_layers": 2, "gradient_mode": "one_step"})
+    assert overrides[:2] == ["--architecture", "nano-sora"] and json.loads(overrides[3]) == {"hidden_size": 96, "num_layers": 4}
+    script = [sys.executable, str(REPO / "benchmarks" / "hrm_ablations.py")]
+    for args, message in ((["--variants", "bogus", "--steps", "1"], "unknown variant 'bogus'"), ([], "give a budget"),
+                          (["--steps", "1", "--config", str(REPO / "training" / "configs" / "smoke.yaml")], "must train architecture 'hrm'")):
+        result = subprocess.run([*script, *args, "--output_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-1000:]

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from chronos_video import ChronosFlowMatchScheduler, HRMVideoModel, HRMVideoPipeline, build_text_encoder
 from chronos_video.models.hrm_video import HRMCarry, HRMVideoModelOutput, deep_supervision_loss
 from chronos_video.pipelines.pipeline_flow_video import FlowVideoPipeline
-from conftest import backbone_inputs, perturb_zero_init
+from conftest import backbone_inputs, check_attention_dispatch, perturb_zero_init
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a small red circle moving left to right slowly"
@@ -214,13 +214,7 @@ def test_lora_scale_through_attention_kwargs():
 
 
 def test_attention_goes_through_diffusers_dispatch():
-    model = tiny_hrm().eval()
-    video, timestep, text, mask = backbone_inputs()
-    with torch.no_grad():
-        base = model(video, timestep, text, mask).sample
-        assert model.attn_processors and all(type(p).__name__ == "ChronosAttnProcessor" for p in model.attn_processors.values())
-        model.set_attention_backend("native")
-        assert torch.equal(model(video, timestep, text, mask).sample, base)
+    check_attention_dispatch(tiny_hrm().eval())
 
 
 def test_options_shared_with_the_other_backbones():

@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> Path:
             clip.shape[0], step_rng, config.weighting_scheme, config.logit_mean, config.logit_std, config.mode_scale,
             shift=float(scheduler_config.get("shift", 1.0)),
         )
+        sigmas = objective.noise_levels(sigmas)  # all ones for the direct (seed) objective
         noisy, target = rectified_flow_inputs(clip, sigmas, noise)
         device = accelerator.device
         with accelerator.accumulate(module):

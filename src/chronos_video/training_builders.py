@@ -13,7 +13,7 @@ import torch
 from .registry import get_architecture
 from .schedulers import ChronosFlowMatchScheduler
 from .text import build_text_encoder, pretrain_text_encoder, train_caption_tokenizer
-from .training_config import TrainConfig
+from .training_config import OBJECTIVES, TrainConfig
 
 __all__ = ["TextToVideoModule", "TrainingObjective", "backbone_kwargs", "build_backbone", "build_pipeline", "build_text_model"]
 
@@ -42,10 +42,21 @@ class TrainingObjective:
     Flow matching (`flow_matching_loss`) for every backbone; a recursive backbone (`HRMVideoModel`,
     `_supports_deep_supervision`) is run with `deep_supervision=True` over `config.deep_supervision`'s
     segments and trained with `deep_supervision_loss` (flow loss per segment + halting BCE).
+
+    `config.objective == "direct"` is the TTV-HRM seed's objective: every sample is drawn at sigma = 1
+    (`noise_levels`), where the input is pure noise and, for a clean-sample (`prediction_type="sample"`)
+    backbone, the velocity error `((z - x0_hat) / 1 - (z - x0))^2` *is* the MSE of the regressed video
+    `x0_hat` against the clip. The same loss code serves both objectives, and one Euler step of the
+    pipeline from sigma = 1 returns `z - v = x0_hat` exactly: the direct model's output.
     """
 
     def __init__(self, config: TrainConfig, transformer: torch.nn.Module):
         self.weighting_scheme = config.weighting_scheme
+        self.objective = getattr(config, "objective", "flow")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}, got {self.objective!r}.")
+        if self.objective == "direct" and transformer.config.get("prediction_type", "velocity") != "sample":
+            raise ValueError("`objective: direct` regresses the clean video: the backbone needs `prediction_type='sample'`.")
         self.deep_supervision: dict[str, Any] | None = None
         if getattr(transformer, "_supports_deep_supervision", False):
             settings = {"segments": transformer.config.max_segments, "halt_tau": 0.01, "halt_loss_weight": 0.5, **config.deep_supervision}
@@ -56,6 +67,10 @@ class TrainingObjective:
                 if not isinstance(settings[key], (int, float)) or settings[key] < 0:
                     raise ValueError(f"`deep_supervision.{key}` must be a non-negative number, got {settings[key]!r}.")
             self.deep_supervision = settings
+
+    def noise_levels(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The training noise levels: the drawn `sigmas` (flow), or all ones (direct regression)."""
+        return torch.ones_like(sigmas) if self.objective == "direct" else sigmas
 
     @property
     def forward_kwargs(self) -> dict[str, Any]:

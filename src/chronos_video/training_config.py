@@ -15,9 +15,12 @@ import yaml
 
 from .import_utils import quiet_backend_imports
 
-__all__ = ["DEEP_SUPERVISION_KEYS", "TrainConfig", "parse_config"]
+__all__ = ["DEEP_SUPERVISION_KEYS", "OBJECTIVES", "TrainConfig", "parse_config"]
 
 DEEP_SUPERVISION_KEYS = frozenset({"segments", "halt_tau", "halt_loss_weight"})
+# "flow": rectified flow (every shipped pipeline). "direct": the TTV-HRM seed's objective, MSE of the
+# clean video predicted from pure noise at sigma = 1 (see `TrainingObjective`).
+OBJECTIVES: tuple[str, ...] = ("flow", "direct")
 
 
 @dataclass
@@ -50,6 +53,11 @@ class TrainConfig:
     # model's max_segments) with the carry detached, plus the halting BCE of weight `halt_loss_weight` on
     # "the next segment lowers the flow loss by less than the fraction `halt_tau`".
     deep_supervision: dict[str, Any] = field(default_factory=dict)
+    # "flow" (rectified flow, sigma drawn per sample) or "direct": every sample at sigma = 1, i.e. MSE
+    # regression of the clean video from text (the input is pure noise, which carries no information
+    # about the clip). Needs `model.prediction_type: sample` and one-step evaluation
+    # (`eval_num_inference_steps: 1`), which then returns exactly the regressed video.
+    objective: str = "flow"
     # optimisation
     max_train_steps: int = 1000
     train_batch_size: int = 16
@@ -129,6 +137,16 @@ class TrainConfig:
             raise ValueError("`lora_rank` > 0 fine-tunes a trained pipeline: set `pretrained_pipeline` too.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id`.")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}, got {self.objective!r}.")
+        if self.objective == "direct":
+            if self.model.get("prediction_type", "velocity") != "sample":
+                raise ValueError("`objective: direct` regresses the clean video: set `model.prediction_type` to 'sample'.")
+            if self.eval_num_inference_steps != 1:
+                raise ValueError(
+                    "`objective: direct` trains at sigma = 1 only, so it is sampled in one step: set `eval_num_inference_steps` to 1, "
+                    f"got {self.eval_num_inference_steps}."
+                )
         unknown = set(self.deep_supervision) - DEEP_SUPERVISION_KEYS
         if unknown:
             raise ValueError(f"Unknown `deep_supervision` keys {sorted(unknown)}; known: {sorted(DEEP_SUPERVISION_KEYS)}.")

@@ -73,6 +73,17 @@ def register_cache_blocks(model: torch.nn.Module) -> None:
             TransformerBlockRegistry.register(type(block), TransformerBlockMetadata(return_hidden_states_index=0))
 
 
+def run_checkpointed(module: torch.nn.Module, blocks, hidden_states: torch.Tensor, *block_args) -> torch.Tensor:
+    """Runs `blocks` in order on `hidden_states`, each through `module`'s gradient checkpointing when that is
+    on (diffusers' `enable_gradient_checkpointing`) and gradients are enabled."""
+    for block in blocks:
+        if torch.is_grad_enabled() and module.gradient_checkpointing:
+            hidden_states = module._gradient_checkpointing_func(block, hidden_states, *block_args)
+        else:
+            hidden_states = block(hidden_states, *block_args)
+    return hidden_states
+
+
 class VideoBackboneMixin(CacheMixin, AttentionMixin):
     """Shared forward of the chronos-video velocity backbones (listed first among the bases so its
     `forward` is the model's).
@@ -152,12 +163,7 @@ class VideoBackboneMixin(CacheMixin, AttentionMixin):
         return tokens, grid, timestep, conditioning, text_tokens, text_mask
 
     def run_blocks(self, tokens: torch.Tensor, *block_args) -> torch.Tensor:
-        for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, *block_args)
-            else:
-                tokens = block(tokens, *block_args)
-        return tokens
+        return run_checkpointed(self, self.blocks, tokens, *block_args)
 
     def velocity_output(self, tokens, grid, conditioning, hidden_states, timestep, return_dict: bool):
         """The head's output as a velocity: directly, or converted from a clean-sample prediction."""

@@ -28,10 +28,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, apply_lora_scale
 
 from ..flow_matching import velocity_mse
-from .attention import rotary_cos_sin
-from .backbone import VideoBackboneMixin
-from .embeddings import rope_angles_3d
-from .transformer_nanosora import NanoSoraBlock
+from .backbone import VideoBackboneMixin, run_checkpointed
+from .transformer_nanosora import NanoSoraBlock, NanoSoraTransformer3DModel
 
 __all__ = ["GRADIENT_MODES", "HRMCarry", "HRMVideoModel", "HRMVideoModelOutput", "deep_supervision_loss"]
 
@@ -80,13 +78,7 @@ class HRMReasoningModule(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, state, injection, conditioning, text_tokens, text_mask, rotary_emb) -> torch.Tensor:
-        hidden_states = state + injection
-        for layer in self.layers:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states = self._gradient_checkpointing_func(layer, hidden_states, conditioning, text_tokens, text_mask, rotary_emb)
-            else:
-                hidden_states = layer(hidden_states, conditioning, text_tokens, text_mask, rotary_emb)
-        return self.norm(hidden_states)
+        return self.norm(run_checkpointed(self, self.layers, state + injection, conditioning, text_tokens, text_mask, rotary_emb))
 
 
 class HaltingHead(nn.Module):
@@ -185,10 +177,7 @@ class HRMVideoModel(VideoBackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixi
         self._init_head(self.config)
 
     # ------------------------------------------------------------------ pieces
-    def block_inputs(self, hidden_states, timestep, grid, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """3D RoPE of the self-attention, as the (cos, sin) pair diffusers' `apply_rotary_emb` takes."""
-        head_dim = self.config.hidden_size // self.config.num_attention_heads
-        return rotary_cos_sin(rope_angles_3d(grid, head_dim, self.config.rope_theta, device=hidden_states.device))
+    block_inputs = NanoSoraTransformer3DModel.block_inputs  # the same blocks, so the same 3D RoPE
 
     def enable_cache(self, config) -> None:
         raise NotImplementedError(

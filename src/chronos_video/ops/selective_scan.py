@@ -15,12 +15,12 @@ complex tensors (batch, [G,] N, L) are accepted too. With complex A the output i
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from ._common import accumulation_dtype, check_one_device, check_tensor, complex_dtype_for, optional_kernel
 from ._scan_torch import chunked_scan, sequential_scan
 
 
@@ -32,14 +32,9 @@ _KERNEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_MAX_STATE = 256
 
 
-@functools.lru_cache(maxsize=None)
 def _mamba_selective_scan_fn() -> Optional[Callable]:
-    """mamba-ssm's CUDA `selective_scan_fn`, or None; resolved once (its import can fail in many ways)."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # ImportError, missing CUDA extension, ABI mismatch, no driver, ...
-        return None
-    return selective_scan_fn
+    """mamba-ssm's CUDA `selective_scan_fn`, or None (resolved once)."""
+    return optional_kernel("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
 
 
 def has_mamba_kernel() -> bool:
@@ -52,18 +47,9 @@ def has_mamba_kernel() -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_tensor(name: str, x, allow_complex: bool = False) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
-    if x.is_complex() and not allow_complex:
-        raise TypeError(f"`{name}` must be a real floating-point tensor, got {x.dtype}.")
-    if not (x.is_floating_point() or x.is_complex()):
-        raise TypeError(f"`{name}` must be a floating-point tensor, got {x.dtype}.")
-
-
 def _check_state_matrix(name: str, x: torch.Tensor, A: torch.Tensor, batch: int, dim: int, length: int) -> bool:
     """Validates B or C; returns True when it is variable (time-dependent)."""
-    _check_tensor(name, x, allow_complex=True)
+    check_tensor(name, x, allow_complex=True)
     n_state = A.shape[1]
     if x.is_complex() and not A.is_complex():
         raise TypeError(f"`{name}` is complex but `A` is real; complex B/C need a complex `A`.")
@@ -87,32 +73,30 @@ def _check_state_matrix(name: str, x: torch.Tensor, A: torch.Tensor, batch: int,
 
 
 def _validate(u, delta, A, B, C, D, z, delta_bias) -> None:
-    _check_tensor("u", u)
+    check_tensor("u", u)
     if u.dim() != 3:
         raise ValueError(f"`u` must have shape (batch, D, L), got {tuple(u.shape)}.")
     batch, dim, length = u.shape
     if length < 1:
         raise ValueError("`u` must have a sequence length L >= 1.")
-    _check_tensor("delta", delta)
+    check_tensor("delta", delta)
     if delta.shape != u.shape:
         raise ValueError(f"`delta` must have the shape of `u` {tuple(u.shape)}, got {tuple(delta.shape)}.")
-    _check_tensor("A", A, allow_complex=True)
+    check_tensor("A", A, allow_complex=True)
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"`A` must have shape (D, N) with D = {dim}, got {tuple(A.shape)}.")
     _check_state_matrix("B", B, A, batch, dim, length)
     _check_state_matrix("C", C, A, batch, dim, length)
     for name, vec in (("D", D), ("delta_bias", delta_bias)):
         if vec is not None:
-            _check_tensor(name, vec)
+            check_tensor(name, vec)
             if tuple(vec.shape) != (dim,):
                 raise ValueError(f"`{name}` must have shape (D,) = ({dim},), got {tuple(vec.shape)}.")
     if z is not None:
-        _check_tensor("z", z)
+        check_tensor("z", z)
         if z.shape != u.shape:
             raise ValueError(f"`z` must have the shape of `u` {tuple(u.shape)}, got {tuple(z.shape)}.")
-    devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}.")
+    check_one_device(u, delta, A, B, C, D, z, delta_bias)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,15 +104,9 @@ def _validate(u, delta, A, B, C, D, z, delta_bias) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """float64 when any input is double precision, else float32 (half inputs are upcast, as in mamba-ssm)."""
-    wide = (torch.float64, torch.complex128)
-    return torch.float64 if any(t is not None and t.dtype in wide for t in tensors) else torch.float32
-
-
 def _as_scan_matrix(x: torch.Tensor, A: torch.Tensor, real_dtype: torch.dtype) -> torch.Tensor:
     """B/C -> constant (D, N) or variable (batch, G, N, L), in A's (real or complex) compute dtype."""
-    complex_dtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
+    complex_dtype = complex_dtype_for(real_dtype)
     if x.dim() == 3:
         x = x.unsqueeze(1)
     if not A.is_complex():
@@ -154,8 +132,8 @@ def _scan(
 ) -> ScanOutput:
     """Shared wrapper around a scan core (inputs already validated): dtype handling, delta bias and
     softplus, B/C layout, D skip and z gate, all as ordinary autograd ops on (batch, D, L) tensors."""
-    real_dtype = _compute_dtype(u, delta, A, B, C)
-    complex_dtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
+    real_dtype = accumulation_dtype(u, delta, A, B, C)
+    complex_dtype = complex_dtype_for(real_dtype)
     dtype_in = u.dtype
     u_c = u.to(real_dtype)
     delta_c = delta.to(real_dtype)

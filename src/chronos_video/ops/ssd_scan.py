@@ -30,12 +30,13 @@ and wrapped to [-pi, pi) before cos/sin, so the angles stay exact at any length.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from ._common import accumulation_dtype, check_one_device, check_tensor, complex_dtype_for, optional_kernel
 
 
 __all__ = ["complex_ssd_scan", "complex_ssd_scan_reference", "has_mamba_ssd_kernel", "ssd_scan", "ssd_scan_reference"]
@@ -46,14 +47,9 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
 def _mamba_chunk_scan_fn() -> Optional[Callable]:
-    """mamba-ssm's Triton `mamba_chunk_scan_combined`, or None; resolved once (its import can fail in many ways)."""
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception:  # ImportError, no Triton, no CUDA driver, ABI mismatch, ...
-        return None
-    return mamba_chunk_scan_combined
+    """mamba-ssm's Triton `mamba_chunk_scan_combined`, or None (resolved once)."""
+    return optional_kernel("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
 
 
 def has_mamba_ssd_kernel() -> bool:
@@ -66,19 +62,10 @@ def has_mamba_ssd_kernel() -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_float(name: str, x, allow_complex: bool = False) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
-    if x.is_complex() and not allow_complex:
-        raise TypeError(f"`{name}` must be a real floating-point tensor, got {x.dtype}.")
-    if not (x.is_floating_point() or x.is_complex()):
-        raise TypeError(f"`{name}` must be a floating-point tensor, got {x.dtype}.")
-
-
 def _check_shape(name: str, x: Optional[torch.Tensor], shapes: tuple, allow_complex: bool = False) -> None:
     if x is None:
         return
-    _check_float(name, x, allow_complex)
+    check_tensor(name, x, allow_complex)
     if tuple(x.shape) not in shapes:
         expected = " or ".join(str(s) for s in shapes)
         raise ValueError(f"`{name}` must have shape {expected}, got {tuple(x.shape)}.")
@@ -86,14 +73,14 @@ def _check_shape(name: str, x: Optional[torch.Tensor], shapes: tuple, allow_comp
 
 def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, complex_bc: bool) -> int:
     """Checks the common arguments; returns the state size N (complex states for `complex_bc`)."""
-    _check_float("x", x)
+    check_tensor("x", x)
     if x.dim() != 4 or x.shape[1] < 1:
         raise ValueError(f"`x` must have shape (batch, length >= 1, heads, head_dim), got {tuple(x.shape)}.")
     batch, length, heads, head_dim = x.shape
     _check_shape("dt", dt, ((batch, length, heads),))
     _check_shape("A", A, ((heads,),))
     for name, mat in (("B", B), ("C", C)):
-        _check_float(name, mat, allow_complex=complex_bc)
+        check_tensor(name, mat, allow_complex=complex_bc)
         if mat.dim() != 4 or tuple(mat.shape[:2]) != (batch, length):
             raise ValueError(f"`{name}` must have shape (batch, length, groups, state) = ({batch}, {length}, G, N), got {tuple(mat.shape)}.")
         if heads % mat.shape[2]:
@@ -113,16 +100,13 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, complex
     _check_shape("initial_states", initial_states, ((batch, heads, head_dim, n_state),), allow_complex=complex_bc)
     if complex_bc and initial_states is not None and not initial_states.is_complex():
         raise TypeError(f"`initial_states` of a complex scan must be complex, got {initial_states.dtype}.")
-    devices = {t.device for t in (x, dt, A, B, C, D, z, dt_bias, initial_states) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}.")
+    check_one_device(x, dt, A, B, C, D, z, dt_bias, initial_states)
     return n_state
 
 
 def _dtypes(*tensors: Optional[torch.Tensor]) -> Tuple[torch.dtype, torch.dtype]:
     """(accumulation dtype, matmul dtype): float64 when any input is, else float32; matmuls in x's half dtype."""
-    wide = any(t is not None and t.dtype in (torch.float64, torch.complex128) for t in tensors)
-    acc = torch.float64 if wide else torch.float32
+    acc = accumulation_dtype(*tensors)
     return acc, (tensors[0].dtype if tensors[0].dtype in _HALF_DTYPES else acc)
 
 
@@ -279,7 +263,7 @@ def _complex_parts(M: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, t
 
 def _as_complex(M: torch.Tensor, real_dtype: torch.dtype) -> torch.Tensor:
     """Complex (.., N) from complex input or real interleaved pairs (.., 2N): a free view when the layout allows."""
-    cplx = torch.complex128 if real_dtype == torch.float64 else torch.complex64
+    cplx = complex_dtype_for(real_dtype)
     if M.is_complex():
         return M.to(cplx)
     pairs = M.to(real_dtype).unflatten(-1, (-1, 2))
@@ -420,7 +404,7 @@ def complex_ssd_scan_reference(x, dt, A, B, C, omega=None, phase=None, D=None, z
     """The complex recurrence itself, step by step (no folding, no chunks): the oracle of `complex_ssd_scan`."""
     n_state = _validate(x, dt, A, B, C, 1, D, z, dt_bias, initial_states, complex_bc=True)
     acc, _ = _dtypes(x, dt, A, B, C, omega, phase, initial_states)
-    cplx = torch.complex128 if acc == torch.float64 else torch.complex64
+    cplx = complex_dtype_for(acc)
     dt_c = _prepare_dt(dt, dt_bias, dt_softplus, acc)
     per_group = x.shape[2] // B.shape[2]
     b_re, b_im = _complex_parts(B, acc)

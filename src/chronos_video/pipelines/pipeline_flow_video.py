@@ -412,20 +412,30 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             precision = self.config.get("precision_schedule")
         return resolve_precision(precision, calibrated=self.config.get("calibrated_precision_schedule"))
 
+    def transformer_inputs(self, model_input, timestep, prompt_embeds, prompt_mask, attention_kwargs) -> dict[str, Any]:
+        """Keyword arguments of one backbone call on `model_input` (both guidance halves when guided); a
+        pipeline whose backbone takes more (HRM's carry) extends them."""
+        return {
+            "hidden_states": model_input.to(self.transformer.dtype),
+            "timestep": timestep.expand(model_input.shape[0]),
+            "encoder_hidden_states": prompt_embeds,
+            "encoder_attention_mask": prompt_mask,
+            "attention_kwargs": attention_kwargs,
+            "return_dict": False,
+        }
+
+    def velocity_from_output(self, output) -> torch.Tensor:
+        """The (unguided) velocity in a backbone call's output; the hook for backbones that return more."""
+        return output[0]
+
     def predict_velocity(self, latents, timestep, prompt_embeds, prompt_mask, attention_kwargs) -> torch.Tensor:
         """One (classifier-free guided) velocity evaluation of the backbone."""
         model_input = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
         # diffusers' cache hooks (`transformer.enable_cache(...)`) keep their state per named context, as in LTX.
         cache_context = getattr(self.transformer, "cache_context", None)
         with cache_context("cond_uncond") if cache_context is not None else nullcontext():
-            velocity = self.transformer(
-                hidden_states=model_input.to(self.transformer.dtype),
-                timestep=timestep.expand(model_input.shape[0]),
-                encoder_hidden_states=prompt_embeds,
-                encoder_attention_mask=prompt_mask,
-                attention_kwargs=attention_kwargs,
-                return_dict=False,
-            )[0].float()
+            output = self.transformer(**self.transformer_inputs(model_input, timestep, prompt_embeds, prompt_mask, attention_kwargs))
+        velocity = self.velocity_from_output(output).float()
         if self.do_classifier_free_guidance:
             velocity = classifier_free_guidance(*velocity.chunk(2), self._guidance_scale)
         return velocity

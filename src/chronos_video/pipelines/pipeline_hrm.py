@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 
-from ..flow_matching import classifier_free_guidance
 from ..models.hrm_video import HRMCarry, HRMVideoModel
 from .pipeline_flow_video import FlowVideoPipeline, VideoPipelineOutput
+
+# recursion settings of a `predict_velocity` call made outside `__call__` (no warm start to keep)
+_OUTSIDE_CALL = {"halting": True, "warm_start": False, "max_segments": None}
 
 
 class HRMVideoPipeline(FlowVideoPipeline):
@@ -62,35 +63,26 @@ class HRMVideoPipeline(FlowVideoPipeline):
                 record.update(segments)
         return output
 
-    def predict_velocity(self, latents, timestep, prompt_embeds, prompt_mask, attention_kwargs) -> torch.Tensor:
-        """One (classifier-free guided) velocity evaluation; records the segments each row used."""
-        settings = getattr(self, "_recursion", None) or {"halting": True, "warm_start": False, "max_segments": None}
-        model_input = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
+    def transformer_inputs(self, model_input, timestep, prompt_embeds, prompt_mask, attention_kwargs) -> dict[str, Any]:
+        """The base call's arguments plus the recursion settings and, with warm start, the previous carry."""
+        settings = getattr(self, "_recursion", None) or _OUTSIDE_CALL
         carry = getattr(self, "_carry", None) if settings["warm_start"] else None
         if carry is not None and carry.high.shape[0] != model_input.shape[0]:
             carry = None
-        cache_context = getattr(self.transformer, "cache_context", None)
-        with cache_context("cond_uncond") if cache_context is not None else nullcontext():
-            output = self.transformer(
-                hidden_states=model_input.to(self.transformer.dtype),
-                timestep=timestep.expand(model_input.shape[0]),
-                encoder_hidden_states=prompt_embeds,
-                encoder_attention_mask=prompt_mask,
-                attention_kwargs=attention_kwargs,
-                return_dict=True,
-                carry=carry,
-                max_segments=settings["max_segments"],
-                halting=settings["halting"],
-            )
+        inputs = super().transformer_inputs(model_input, timestep, prompt_embeds, prompt_mask, attention_kwargs)
+        inputs.update(return_dict=True, carry=carry, max_segments=settings["max_segments"], halting=settings["halting"])
+        return inputs
+
+    def velocity_from_output(self, output) -> torch.Tensor:
+        """The output's velocity; keeps its carry for the next evaluation and records the segments each row used."""
+        settings = getattr(self, "_recursion", None) or _OUTSIDE_CALL
         self._carry = output.carry if settings["warm_start"] else None
         segments = [int(s) for s in output.segments]
-        velocity = output.sample.float()
         if self.do_classifier_free_guidance:
             half = len(segments) // 2
             record = {"segments": segments[half:], "segments_unconditional": segments[:half]}
-            velocity = classifier_free_guidance(*velocity.chunk(2), self._guidance_scale)
         else:
             record = {"segments": segments}
         if getattr(self, "_segment_trace", None) is not None:
             self._segment_trace.append(record)
-        return velocity
+        return output.sample
