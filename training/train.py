@@ -14,10 +14,8 @@ Every config key can be overridden on the command line (`--max_train_steps 10`,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -36,7 +34,7 @@ with quiet_backend_imports():  # accelerate, diffusers and peft import the optio
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from chronos_video.data import build_shapes_dataset
+    from chronos_video.data import is_shapes_data, load_training_clips
     from chronos_video.evaluation.pipeline_eval import learning_curve_metrics
     from chronos_video.flow_matching import (
         frames_to_model_input,
@@ -44,11 +42,22 @@ with quiet_backend_imports():  # accelerate, diffusers and peft import the optio
         sample_flow_sigmas,
         sigmas_to_timesteps,
     )
+    from chronos_video.model_card import hardware_description, save_sample_gif, write_model_card
     from chronos_video.registry import get_architecture
+    from chronos_video.training_ar import AR_ARCHITECTURES, train_autoregressive
     from chronos_video.training_builders import TextToVideoModule, TrainingObjective, build_backbone, build_pipeline, build_text_model
     from chronos_video.training_config import TrainConfig
     from chronos_video.training_config import parse_config as _parse_config
-    from chronos_video.training_utils import curriculum_batch_indices, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from chronos_video.training_utils import (
+        optimizer_step,
+        record_update,
+        resolve_checkpoint,
+        restore_training_states,
+        save_checkpoint,
+        start_trackers,
+        step_batch,
+        training_states,
+    )
 
 logger = get_logger("chronos_video.train")
 
@@ -59,64 +68,12 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def load_training_frames(config: TrainConfig, overrides: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[str]]:
-    """The shapes clips as one uint8 tensor (N, F, H, W, 3) plus captions, cached on disk by settings."""
-    data = {**config.data, **(overrides or {})}
-    cache_root = Path(data.pop("cache_dir", None) or Path.home() / ".cache" / "chronos_video" / "shapes")
-    key = "-".join(
-        f"{k}{data[k]}" if isinstance(data[k], (int, float, str)) else f"{k}{hashlib.sha1(json.dumps(data[k], sort_keys=True).encode()).hexdigest()[:10]}"
-        for k in sorted(data)
-    )
-    cache = cache_root / key
-    if (cache / "dataset_info.json").exists():
-        from datasets import load_from_disk
-
-        dataset = load_from_disk(str(cache))
-    else:
-        dataset = build_shapes_dataset(**data)
-        dataset.save_to_disk(str(cache))
-    # `datasets` hands Array4D back as int64; copy in chunks into uint8 so memory stays at 1 byte/pixel.
-    frames = np.empty((len(dataset), *dataset.features["frames"].shape), dtype=np.uint8)
-    reader = dataset.with_format("numpy", columns=["frames"])
-    for start in range(0, len(dataset), 1024):
-        frames[start : start + 1024] = reader[start : start + 1024]["frames"]
-    return torch.from_numpy(frames), list(dataset["caption"])
+    """The run's clips (shapes, a video folder or a `datasets` dataset) as uint8 (N, F, H, W, 3) plus captions, cached on disk."""
+    return load_training_clips({**config.data, **(overrides or {})})
 
 
-def write_model_card(
-    output_dir: Path, config: TrainConfig, scores_table: str, train_seconds: float, hardware: str, gif_name: str | None,
-    num_params: int, resumed_from_step: int = 0,
-):
-    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, load_or_create_model_card, populate_model_card
-    from huggingface_hub import ModelCard, ModelCardData
-
-    pipeline_class = get_architecture(config.architecture).pipeline_class.__name__
-    repo_id = config.hub_model_id or f"chronos-video/{output_dir.name}"
-    sample = f"![samples]({gif_name})\n\n" if gif_name else ""
-    description = f"""# {output_dir.name}
-
-A `{pipeline_class}` ({config.architecture}, {num_params / 1e6:.2f} M parameters incl. text encoder) trained with
-chronos-video's `training/train.py` on the procedural *shapes* dataset
-({config.data.get('num_clips')} clips of {config.data.get('num_frames')}x{config.data.get('height')}x{config.data.get('width')},
-held-out attribute combinations excluded from training).
-
-{sample}## Oracle evaluation on held-out attribute combinations
-
-Measured by `chronos-video evaluate --pipeline <this folder> --num-prompts {config.eval_num_prompts} --steps {config.eval_num_inference_steps} --guidance-scale {config.eval_guidance_scale}`
-(the pixel oracle of `chronos_video.evaluation`; its ceiling on real clips is checked in the library's tests):
-
-{scores_table}
-"""
-    if config.push_to_hub:  # merge with the card already on the Hub, if any
-        card = load_or_create_model_card(repo_id, from_training=True, model_description=description, license="apache-2.0", inference=False)
-    else:  # the same diffusers training template, without a Hub round trip
-        card = ModelCard.from_template(
-            ModelCardData(license="apache-2.0", library_name="diffusers", inference=False),
-            template_path=MODEL_CARD_TEMPLATE_PATH,
-            model_description=description,
-        )
-    card = populate_model_card(card, tags=["text-to-video", "chronos-video", config.architecture, "diffusers-training"])
-    card.data.pipeline_tag = "text-to-video"
-    usage = f"""import torch
+def flow_usage(pipeline_class: str, repo_id: str) -> str:
+    return f"""import torch
 from diffusers.utils import export_to_video
 from chronos_video import {pipeline_class}
 
@@ -124,29 +81,36 @@ pipe = {pipeline_class}.from_pretrained("{repo_id}")  # or a local folder
 video = pipe("a small red circle moving left to right slowly", num_inference_steps=30,
              generator=torch.Generator().manual_seed(0)).frames[0]
 export_to_video(video, "out.mp4", fps=8)"""
-    training = (
-        f"Trained for {config.max_train_steps} steps, batch {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation, "
-        f"learning rate {config.learning_rate} ({config.lr_scheduler}), mixed precision `{config.mixed_precision}`, "
-        f"EMA {'on (decay ' + str(config.ema_decay) + ')' if config.use_ema else 'off'}, seed {config.seed}. "
-        f"Wall-clock {train_seconds / 60:.1f} min on {hardware}"
-        + (f" for the steps after resuming from the step-{resumed_from_step} checkpoint" if resumed_from_step else "")
-        + ". The full configuration is in `training_config.json`."
-    )
-    text = card.text
-    text = text.replace("# TODO: add an example code snippet for running this diffusion pipeline", usage)
-    text = text.replace(
-        "[TODO: provide examples of latent issues and potential remediations]",
-        "A research-scale model: it only knows the shapes vocabulary (7 colours, 3 shapes, 2 sizes, 8 directions, 2 speeds) on a black background.",
-    )
-    text = text.replace("[TODO: describe the data used to train the model]", training)
-    card.text = text
-    card.save(str(output_dir / "README.md"))
 
 
-def hardware_description(accelerator: Accelerator) -> str:
-    if torch.cuda.is_available():
-        return f"{accelerator.num_processes} x {torch.cuda.get_device_name(0)}"
-    return f"{accelerator.num_processes} CPU process(es), {torch.get_num_threads()} thread(s) each, {platform.processor() or platform.machine()}"
+def data_description(config: TrainConfig) -> str:
+    """One line for the model card: what the run trained on."""
+    data = config.data
+    size = f"{data.get('num_frames')}x{data.get('height')}x{data.get('width')}"
+    if is_shapes_data(data):
+        return f"the procedural *shapes* dataset ({data.get('num_clips')} clips of {size}, held-out attribute combinations excluded from training)"
+    return f"`{data.get('path')}` (`data.type: {data.get('type')}`, clips of {size})"
+
+
+def flow_card_description(output_dir: Path, config: TrainConfig, scores_table: str | None, gif_name: str | None, num_params: int) -> str:
+    pipeline_class = get_architecture(config.architecture).pipeline_class.__name__
+    sample = f"![samples]({gif_name})\n\n" if gif_name else ""
+    if scores_table is None:
+        scores = "Not scored: the library's oracle reads the procedural shapes clips only."
+    else:
+        scores = f"""Measured by `chronos-video evaluate --pipeline <this folder> --num-prompts {config.eval_num_prompts} --steps {config.eval_num_inference_steps} --guidance-scale {config.eval_guidance_scale}`
+(the pixel oracle of `chronos_video.evaluation`; its ceiling on real clips is checked in the library's tests):
+
+{scores_table}"""
+    return f"""# {output_dir.name}
+
+A `{pipeline_class}` ({config.architecture}, {num_params / 1e6:.2f} M parameters incl. text encoder) trained with
+chronos-video's `training/train.py` on {data_description(config)}.
+
+{sample}## Oracle evaluation on held-out attribute combinations
+
+{scores}
+"""
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -167,6 +131,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"mixed precision {accelerator.mixed_precision}",
         main_process_only=False if accelerator.num_processes > 1 else True,
     )
+    if config.architecture in AR_ARCHITECTURES:  # the video tokenizer or the autoregressive LM over its codes
+        return train_autoregressive(config, accelerator)
     architecture = get_architecture(config.architecture)
     set_seed(config.seed)
 
@@ -196,14 +162,14 @@ def main(argv: list[str] | None = None) -> Path:
         transformer.add_adapter(
             LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, init_lora_weights="gaussian", target_modules=config.lora_target_modules)
         )
-    if not config.train_text_encoder:
+    if not config.text_encoder_trainable:
         text_encoder.requires_grad_(False)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     objective = TrainingObjective(config, transformer)  # flow loss, or deep supervision for recursive backbones
 
     module = TextToVideoModule(transformer, text_encoder)
-    frozen_text = [p for p in text_encoder.parameters() if not p.requires_grad] if not config.train_text_encoder else []
+    frozen_text = [p for p in text_encoder.parameters() if not p.requires_grad] if not config.text_encoder_trainable else []
     trainable = [p for p in module.parameters() if p.requires_grad]
     if config.use_8bit_adam:
         import bitsandbytes as bnb
@@ -226,22 +192,10 @@ def main(argv: list[str] | None = None) -> Path:
     if config.resume_from_checkpoint and resume_path is None:
         logger.info(f"No checkpoint in {checkpoint_dir}; starting from scratch.")
     if resume_path is not None:
-        names = ["trainable", "optimizer", "lr_scheduler"] + (["ema"] if ema else []) + (["frozen_text_encoder"] if (resume_path / "frozen_text_encoder.json").is_file() else [])
-        states, metadata = load_checkpoint(resume_path, names)
-        for param, value in zip(trainable, states["trainable"]["params"]):
-            param.data.copy_(value)
-        for param, value in zip(frozen_text, states.get("frozen_text_encoder", {}).get("params", [])):
-            param.data.copy_(value)
-        optimizer.load_state_dict(states["optimizer"])
-        lr_scheduler.load_state_dict(states["lr_scheduler"])
-        if ema:
-            ema.load_state_dict(states["ema"])
-        global_step = resumed_from_step = int(metadata["step"])
+        global_step = resumed_from_step = restore_training_states(resume_path, trainable, optimizer, lr_scheduler, ema, frozen_text)
         logger.info(f"Resumed from {resume_path} at step {global_step}.")
 
-    if accelerator.is_main_process and config.report_to:
-        flat = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in asdict(config).items()}
-        accelerator.init_trackers("chronos-video", config={k: v for k, v in flat.items() if v is not None})
+    start_trackers(accelerator, config)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     unwrapped = accelerator.unwrap_model(module)
@@ -251,12 +205,7 @@ def main(argv: list[str] | None = None) -> Path:
     micro_step = global_step * config.gradient_accumulation_steps
     module.train()
     while global_step < config.max_train_steps:
-        indices = curriculum_batch_indices(
-            micro_step, global_step, config.train_batch_size, num_main_items, frames.shape[0], config.seed, rank, world,
-            curriculum_steps=config.curriculum_steps if config.curriculum_data else 0,
-            curriculum_mix=config.curriculum_mix if config.curriculum_data else 0.0,
-        )
-        step_rng = torch.Generator().manual_seed(config.seed * 7_919 + micro_step * world + rank)
+        indices, step_rng = step_batch(config, micro_step, global_step, num_main_items, frames.shape[0], rank, world)
         clip = frames_to_model_input(frames[indices])
         batch_captions = [
             "" if float(torch.rand((), generator=step_rng)) < config.caption_dropout else captions[int(i)] for i in indices
@@ -275,34 +224,17 @@ def main(argv: list[str] | None = None) -> Path:
                 prediction = module(noisy.to(device), sigmas_to_timesteps(sigmas).to(device), tokens.input_ids.to(device),
                                     tokens.attention_mask.to(device), **objective.forward_kwargs)
             loss, loss_stats = objective(prediction, target.to(device), sigmas)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, loss, trainable, optimizer, lr_scheduler, config.max_grad_norm)
         micro_step += 1
         if not accelerator.sync_gradients:
             continue
         global_step += 1
         if ema:
             ema.step(trainable)
-        progress.update(1)
-        loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-        if config.report_to and global_step % config.logging_steps == 0:
-            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], **loss_stats}, step=global_step)
+        record_update(accelerator, progress, loss, lr_scheduler, global_step, config.logging_steps, config.report_to, loss_stats)
         if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
             if accelerator.is_main_process:
-                states = {
-                    "trainable": {"params": [p.detach() for p in trainable]},
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                }
-                if ema:
-                    states["ema"] = ema.state_dict()
-                if frozen_text:  # a pretrained, frozen encoder is part of the model too
-                    states["frozen_text_encoder"] = {"params": [p.detach() for p in frozen_text]}
+                states = training_states(trainable, optimizer, lr_scheduler, ema, frozen_text)
                 path = save_checkpoint(checkpoint_dir, global_step, states, {"config": asdict(config)}, config.checkpoints_total_limit)
                 logger.info(f"Saved {path}")
             accelerator.wait_for_everyone()
@@ -337,7 +269,7 @@ def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_co
         videos = pipe(config.validation_prompts, num_inference_steps=config.eval_num_inference_steps, guidance_scale=config.eval_guidance_scale,
                       generator=torch.Generator().manual_seed(0)).frames
     metrics = {}
-    if config.validation_num_prompts or config.validation_swap_gap_clips:
+    if (config.validation_num_prompts or config.validation_swap_gap_clips) and is_shapes_data(config.data):
         metrics = learning_curve_metrics(
             pipe, config.data, num_prompts=config.validation_num_prompts, num_clips=config.validation_swap_gap_clips,
             num_inference_steps=config.eval_num_inference_steps, guidance_scale=config.eval_guidance_scale, seed=config.seed,
@@ -362,8 +294,6 @@ def finalize(
     accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, output_dir: Path, train_seconds: float, resumed_from_step: int = 0
 ) -> None:
     """Saves the pipeline, evaluates it with the oracle, writes the sample GIF and the model card."""
-    from diffusers.utils import export_to_gif
-
     from chronos_video.evaluation.pipeline_eval import evaluate_pipeline
 
     unwrapped.eval()
@@ -382,27 +312,25 @@ def finalize(
     (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
     pipe.set_progress_bar_config(disable=True)
 
-    scores, table = evaluate_pipeline(
-        pipe, num_prompts=config.eval_num_prompts, num_inference_steps=config.eval_num_inference_steps,
-        guidance_scale=config.eval_guidance_scale, seed=config.seed,
-    )
-    (output_dir / "oracle_scores.json").write_text(json.dumps(scores, indent=2))
-    logger.info("Oracle scores on held-out combinations:\n" + table)
+    table = None
+    if is_shapes_data(config.data):  # the oracle reads shapes clips only
+        scores, table = evaluate_pipeline(
+            pipe, num_prompts=config.eval_num_prompts, num_inference_steps=config.eval_num_inference_steps,
+            guidance_scale=config.eval_guidance_scale, seed=config.seed,
+        )
+        (output_dir / "oracle_scores.json").write_text(json.dumps(scores, indent=2))
+        logger.info("Oracle scores on held-out combinations:\n" + table)
 
     gif_name = None
     if config.sample_prompts:
         videos = pipe(config.sample_prompts, num_inference_steps=config.eval_num_inference_steps, guidance_scale=config.eval_guidance_scale,
                       generator=torch.Generator().manual_seed(config.seed)).frames
-        grid = np.concatenate(list(videos), axis=2)  # frames side by side: (F, H, N*W, C)
-        scale = max(1, 128 // grid.shape[1])
-        grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
-        gif_name = "samples.gif"
-        from PIL import Image
-
-        export_to_gif([Image.fromarray((frame * 255).round().astype(np.uint8)) for frame in grid], str(output_dir / gif_name), fps=8)
+        gif_name = save_sample_gif(videos, output_dir / "samples.gif")
 
     num_params = sum(p.numel() for p in unwrapped.parameters())
-    write_model_card(output_dir, config, table, train_seconds, hardware_description(accelerator), gif_name, num_params, resumed_from_step)
+    description = flow_card_description(output_dir, config, table, gif_name, num_params)
+    usage = flow_usage(architecture.pipeline_class.__name__, config.hub_model_id or f"chronos-video/{output_dir.name}")
+    write_model_card(output_dir, config, description, usage, train_seconds, hardware_description(accelerator), resumed_from_step)
     if config.push_to_hub:
         from huggingface_hub import create_repo, upload_folder
 

@@ -16,6 +16,10 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
+    "ARVideoConfig": ".models",
+    "ARVideoForCausalLM": ".models",
+    "FSQVideoTokenizer": ".models",
+    "ARVideoPipeline": ".pipelines",
     "ChronosAttention": ".models",
     "ChronosMambaModel": ".models",
     "HRMVideoModel": ".models",
@@ -34,8 +38,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .models import ChronosAttention, ChronosMambaModel, HRMVideoModel, NanoSoraTransformer3DModel
-    from .pipelines import ChronosPipeline, FlowVideoPipeline, HRMVideoPipeline, NanoSoraPipeline, VideoPipelineOutput
+    from .models import ARVideoConfig, ARVideoForCausalLM, ChronosAttention, ChronosMambaModel, FSQVideoTokenizer, HRMVideoModel, NanoSoraTransformer3DModel
+    from .pipelines import ARVideoPipeline, ChronosPipeline, FlowVideoPipeline, HRMVideoPipeline, NanoSoraPipeline, VideoPipelineOutput
     from .schedulers import ChronosFlowMatchScheduler
     from .text import build_text_encoder, pretrain_text_encoder, train_caption_tokenizer
 

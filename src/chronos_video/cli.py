@@ -64,6 +64,24 @@ def load_pipeline(path: str, dtype: str = "float32"):
     return pipeline_class.from_pretrained(str(folder) if folder is not None else path, dtype=dtypes[dtype])
 
 
+def sampling_kwargs(pipe, args: argparse.Namespace) -> dict:
+    """`--steps` for flow pipelines; `--top-k/--top-p/--typical-p/--temperature` for the autoregressive one."""
+    import inspect
+
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "num_inference_steps" in parameters:
+        return {"num_inference_steps": args.steps}
+    options = {"top_k": args.top_k, "top_p": args.top_p, "typical_p": args.typical_p, "temperature": args.temperature}
+    return {name: value for name, value in options.items() if value is not None and name in parameters}
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--top-k", type=int, default=None, help="autoregressive pipelines: top-k sampling")
+    parser.add_argument("--top-p", type=float, default=None, help="autoregressive pipelines: nucleus sampling")
+    parser.add_argument("--typical-p", type=float, default=None, help="autoregressive pipelines: typical sampling")
+    parser.add_argument("--temperature", type=float, default=None, help="autoregressive pipelines: sampling temperature")
+
+
 def _generate(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
@@ -82,9 +100,9 @@ def _generate(args: argparse.Namespace) -> None:
         num_frames=args.num_frames,
         height=args.height,
         width=args.width,
-        num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         generator=torch.Generator().manual_seed(args.seed),
+        **sampling_kwargs(pipe, args),
     ).frames[0]
     saved = video.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2) if args.upscale > 1 else video
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -114,9 +132,11 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     pipe = load_pipeline(args.pipeline, args.dtype)
     pipe.set_progress_bar_config(disable=True)
+    options = sampling_kwargs(pipe, args)
+    steps = options.pop("num_inference_steps", None)
     scores, table = evaluate_pipeline(
-        pipe, num_prompts=args.num_prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-        seed=args.seed, batch_size=args.batch_size,
+        pipe, num_prompts=args.num_prompts, num_inference_steps=steps, guidance_scale=args.guidance_scale,
+        seed=args.seed, batch_size=args.batch_size, **options,
     )
     print(table)
     if args.json:
@@ -188,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the saved file (>= 1)")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     generate.add_argument("--score", action="store_true", help="score the video with the shapes oracle (shapes prompts only)")
+    _add_sampling_options(generate)
     generate.set_defaults(func=_generate)
 
     dataset = commands.add_parser("dataset", help="write the procedural shapes dataset with save_to_disk")
@@ -209,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     evaluate.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    _add_sampling_options(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
     swap = commands.add_parser("swap-gap", help="denoising-loss increase when one caption attribute is swapped (does the model use it?)")

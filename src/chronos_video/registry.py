@@ -13,13 +13,13 @@ from dataclasses import dataclass
 class Architecture:
     name: str
     model_class: type
-    pipeline_class: type
+    pipeline_class: type | None  # None: a component trained on its own (the video tokenizer)
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register_architecture(name: str, model_class: type, pipeline_class: type) -> None:
+def register_architecture(name: str, model_class: type, pipeline_class: type | None) -> None:
     _ARCHITECTURES[name] = Architecture(name, model_class, pipeline_class)
 
 
@@ -34,9 +34,12 @@ def list_architectures() -> list[str]:
 
 
 def _register_builtin() -> None:
+    from .models.ar_video import ARVideoForCausalLM
+    from .models.fsq_tokenizer import FSQVideoTokenizer
     from .models.hrm_video import HRMVideoModel
     from .models.mamba_chronos import ChronosMambaModel
     from .models.transformer_nanosora import NanoSoraTransformer3DModel
+    from .pipelines.pipeline_ar import ARVideoPipeline
     from .pipelines.pipeline_chronos import ChronosPipeline
     from .pipelines.pipeline_hrm import HRMVideoPipeline
     from .pipelines.pipeline_nanosora import NanoSoraPipeline
@@ -44,6 +47,8 @@ def _register_builtin() -> None:
     register_architecture("chronos-v", ChronosMambaModel, ChronosPipeline)
     register_architecture("nano-sora", NanoSoraTransformer3DModel, NanoSoraPipeline)
     register_architecture("hrm", HRMVideoModel, HRMVideoPipeline)
+    register_architecture("fsq-tokenizer", FSQVideoTokenizer, None)
+    register_architecture("ar-video", ARVideoForCausalLM, ARVideoPipeline)
 
 
 _register_builtin()

@@ -15,7 +15,15 @@ from .schedulers import ChronosFlowMatchScheduler
 from .text import build_text_encoder, pretrain_text_encoder, train_caption_tokenizer
 from .training_config import OBJECTIVES, TrainConfig
 
-__all__ = ["TextToVideoModule", "TrainingObjective", "backbone_kwargs", "build_backbone", "build_pipeline", "build_text_model"]
+__all__ = [
+    "TextToVideoModule",
+    "TrainingObjective",
+    "backbone_kwargs",
+    "build_backbone",
+    "build_pipeline",
+    "build_text_model",
+    "load_pretrained_text_model",
+]
 
 
 class TextToVideoModule(torch.nn.Module):
@@ -93,12 +101,42 @@ class TrainingObjective:
         )
 
 
+def load_pretrained_text_model(path: str, max_length: int):
+    """A saved transformers text encoder and its tokenizer (a local folder, or a Hub id already in the cache).
+
+    The encoder class is the one its config names (`architectures[0]`: `T5EncoderModel`, `CLIPTextModel`,
+    `BertModel`, ...), else `AutoModel`; an encoder-decoder keeps only its encoder. The tokenizer pads to
+    `max_length`, which the saved pipeline then uses too.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    try:
+        encoder_config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise ValueError(f"`text_encoder.pretrained`={path!r} is not a saved transformers text encoder with its tokenizer: {error}") from error
+    names = getattr(encoder_config, "architectures", None) or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    text_encoder = (model_class or AutoModel).from_pretrained(path)
+    if getattr(text_encoder.config, "is_encoder_decoder", False) and hasattr(text_encoder, "get_encoder"):
+        text_encoder = text_encoder.get_encoder()
+    tokenizer.model_max_length = max_length
+    return tokenizer, text_encoder
+
+
 def build_text_model(config: TrainConfig, captions: list[str]):
-    """A caption tokenizer trained on `captions` and a fresh text encoder for it, pretrained for
-    `config.text_encoder_pretrain_steps` steps when set.
+    """The run's caption tokenizer and text encoder.
+
+    With `text_encoder.pretrained` (a folder or cached Hub id), that encoder and its tokenizer
+    (`load_pretrained_text_model`); otherwise a caption tokenizer trained on `captions` and a fresh text
+    encoder for it, pretrained for `config.text_encoder_pretrain_steps` steps when set.
 
     Returns `(tokenizer, text_encoder, pretrain_accuracy)`; the accuracy is None without pretraining.
     """
+    if config.text_encoder.get("pretrained"):
+        tokenizer, text_encoder = load_pretrained_text_model(config.text_encoder["pretrained"], config.tokenizer_max_length)
+        return tokenizer, text_encoder, None
     tokenizer = train_caption_tokenizer(captions, model_max_length=config.tokenizer_max_length)
     text_encoder = build_text_encoder(
         len(tokenizer),

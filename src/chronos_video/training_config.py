@@ -58,6 +58,9 @@ class TrainConfig:
     # about the clip). Needs `model.prediction_type: sample` and one-step evaluation
     # (`eval_num_inference_steps: 1`), which then returns exactly the regressed video.
     objective: str = "flow"
+    video_tokenizer: str | None = None  # ar-video: folder of the trained FSQVideoTokenizer
+    generation: dict[str, Any] = field(default_factory=dict)  # ar-video: sampling options for evaluation (top_k, ...)
+    foreground_weight: float = 0.0  # fsq-tokenizer: extra loss weight on object pixels (the background dominates plain MSE)
     # optimisation
     max_train_steps: int = 1000
     train_batch_size: int = 16
@@ -112,6 +115,14 @@ class TrainConfig:
     hub_model_id: str | None = None
     num_threads: int | None = None
 
+    @property
+    def text_encoder_trainable(self) -> bool:
+        """Whether the text encoder trains with the backbone: a pretrained one (`text_encoder.pretrained`)
+        stays frozen unless `text_encoder.trainable: true`; a new one follows `train_text_encoder`."""
+        if self.text_encoder.get("pretrained"):
+            return bool(self.text_encoder.get("trainable", False))
+        return self.train_text_encoder
+
     def validate(self) -> None:
         if self.max_train_steps < 1:
             raise ValueError(f"`max_train_steps` must be >= 1, got {self.max_train_steps}.")
@@ -137,6 +148,19 @@ class TrainConfig:
             raise ValueError("`lora_rank` > 0 fine-tunes a trained pipeline: set `pretrained_pipeline` too.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id`.")
+        from .data.cached import DATA_TYPES
+
+        if self.data.get("type", "shapes") not in DATA_TYPES:
+            raise ValueError(f"`data.type` must be one of {list(DATA_TYPES)}, got {self.data.get('type')!r}.")
+        if self.data.get("type", "shapes") != "shapes" and not self.data.get("path"):
+            raise ValueError(f"`data.type: {self.data['type']}` needs `data.path` (a video folder, dataset name or local dataset path).")
+        if self.text_encoder.get("pretrained"):
+            if not isinstance(self.text_encoder["pretrained"], str):
+                raise ValueError(f"`text_encoder.pretrained` must be a folder or Hub id, got {self.text_encoder['pretrained']!r}.")
+            if self.text_encoder_pretrain_steps:
+                raise ValueError("`text_encoder_pretrain_steps` pretrains a new encoder; it cannot be combined with `text_encoder.pretrained`.")
+        if self.foreground_weight < 0:
+            raise ValueError(f"`foreground_weight` must be >= 0, got {self.foreground_weight}.")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}, got {self.objective!r}.")
         if self.objective == "direct":
@@ -154,6 +178,10 @@ class TrainConfig:
             from .registry import get_architecture
 
         model_class = get_architecture(self.architecture).model_class
+        if self.architecture == "ar-video" and not (self.video_tokenizer or self.pretrained_pipeline):
+            raise ValueError("`architecture: ar-video` needs `video_tokenizer` (a folder saved by an `fsq-tokenizer` run) or `pretrained_pipeline`.")
+        if self.video_tokenizer and not (Path(self.video_tokenizer) / "config.json").is_file():
+            raise ValueError(f"`video_tokenizer`={self.video_tokenizer!r} is not a saved FSQVideoTokenizer folder (no config.json).")
         if self.deep_supervision and not getattr(model_class, "_supports_deep_supervision", False):
             raise ValueError(f"`deep_supervision` needs a recursive backbone; architecture {self.architecture!r} has none.")
 

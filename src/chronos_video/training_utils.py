@@ -159,3 +159,79 @@ def curriculum_batch_indices(
     if num_extra:
         parts.append(num_main + batch_indices(micro_step, num_extra, num_items - num_main, seed + 1, rank, world))
     return torch.cat(parts)
+
+
+def training_states(trainable, optimizer, lr_scheduler, ema=None, frozen=None) -> dict[str, dict[str, Any]]:
+    """Everything a checkpoint holds: trainable weights, optimiser, LR schedule, EMA and frozen
+    weights that belong to the model (e.g. a pretrained text encoder), as `save_checkpoint` states."""
+    states = {
+        "trainable": {"params": [p.detach() for p in trainable]},
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+    }
+    if ema is not None:
+        states["ema"] = ema.state_dict()
+    if frozen:
+        states["frozen_text_encoder"] = {"params": [p.detach() for p in frozen]}
+    return states
+
+
+def restore_training_states(path: str | os.PathLike, trainable, optimizer, lr_scheduler, ema=None, frozen=None) -> int:
+    """Loads what `training_states` saved at `path` into the live objects; returns the checkpoint's step."""
+    path = Path(path)
+    names = ["trainable", "optimizer", "lr_scheduler"] + (["ema"] if ema is not None else [])
+    if (path / "frozen_text_encoder.json").is_file():
+        names.append("frozen_text_encoder")
+    states, metadata = load_checkpoint(path, names)
+    for param, value in zip(trainable, states["trainable"]["params"]):
+        param.data.copy_(value)
+    for param, value in zip(frozen or [], states.get("frozen_text_encoder", {}).get("params", [])):
+        param.data.copy_(value)
+    optimizer.load_state_dict(states["optimizer"])
+    lr_scheduler.load_state_dict(states["lr_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(states["ema"])
+    return int(metadata["step"])
+
+
+def optimizer_step(accelerator, loss: torch.Tensor, trainable, optimizer, lr_scheduler, max_grad_norm: float | None) -> None:
+    """Backward, gradient clipping on the synchronising micro-step, optimiser and schedule step (inside
+    `accelerator.accumulate`, which turns the steps of non-final micro-batches into no-ops)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm:
+        accelerator.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def record_update(accelerator, progress, loss: torch.Tensor, lr_scheduler, step: int, logging_steps: int, report_to, extra: dict | None = None) -> float:
+    """After an optimiser update: the loss averaged over processes, shown on the progress bar and
+    logged to the trackers every `logging_steps`; returns it."""
+    progress.update(1)
+    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+    learning_rate = lr_scheduler.get_last_lr()[0]
+    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}")
+    if report_to and step % logging_steps == 0:
+        accelerator.log({"loss": loss_value, "lr": learning_rate, **(extra or {})}, step=step)
+    return loss_value
+
+
+def start_trackers(accelerator, config) -> None:
+    """Opens the run's trackers (main process, `config.report_to`) with the flattened config as hyper-parameters."""
+    import json
+    from dataclasses import asdict
+
+    if accelerator.is_main_process and config.report_to:
+        flat = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in asdict(config).items()}
+        accelerator.init_trackers("chronos-video", config={k: v for k, v in flat.items() if v is not None})
+
+
+def step_batch(config, micro_step: int, step: int, num_main: int, num_items: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Generator]:
+    """(clip indices, random generator) of one micro-batch: pure functions of (seed, step), so resume is exact."""
+    indices = curriculum_batch_indices(
+        micro_step, step, config.train_batch_size, num_main, num_items, config.seed, rank, world,
+        curriculum_steps=config.curriculum_steps if config.curriculum_data else 0,
+        curriculum_mix=config.curriculum_mix if config.curriculum_data else 0.0,
+    )
+    return indices, torch.Generator().manual_seed(config.seed * 7_919 + micro_step * world + rank)

@@ -1,5 +1,6 @@
 """Datasets for chronos-video: procedural captioned clips built as `datasets.Dataset` objects."""
 
+from .cached import DATA_TYPES, is_shapes_data, load_shapes_frames, load_training_clips
 from .shapes import (
     ATTRIBUTE_NAMES,
     CAPTION_TEMPLATES,
@@ -23,6 +24,7 @@ from .shapes import (
 
 __all__ = [
     "ATTRIBUTE_NAMES",
+    "DATA_TYPES",
     "CAPTION_TEMPLATES",
     "COLORS",
     "DIRECTIONS",
@@ -34,6 +36,9 @@ __all__ = [
     "build_shapes_dataset",
     "heldout_prompts",
     "is_heldout",
+    "is_shapes_data",
+    "load_shapes_frames",
+    "load_training_clips",
     "max_num_frames",
     "parse_caption",
     "render_clip",

@@ -32,7 +32,7 @@ def evaluation_prompts(
 def evaluate_pipeline(
     pipe,
     num_prompts: int = 32,
-    num_inference_steps: int = 20,
+    num_inference_steps: int | None = 20,
     guidance_scale: float = 4.0,
     seed: int = 0,
     batch_size: int = 8,
@@ -44,6 +44,7 @@ def evaluate_pipeline(
     Prompts come from `heldout_prompts`, i.e. attribute combinations excluded from training,
     so the score measures compositional generalisation, not memorisation. Pass `prompts`
     (caption, attributes) pairs, e.g. from `evaluation_prompts`, to score others.
+    `num_inference_steps=None` is for pipelines without sampling steps (the autoregressive one).
     """
     if num_prompts < 1:
         raise ValueError(f"`num_prompts` must be >= 1, got {num_prompts}.")
@@ -55,9 +56,10 @@ def evaluate_pipeline(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
+        if num_inference_steps is not None:
+            pipeline_kwargs["num_inference_steps"] = num_inference_steps
         output = pipe(
             [caption for caption, _ in chunk],
-            num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generators,
             output_type="np",
@@ -67,6 +69,46 @@ def evaluate_pipeline(
     height, width = videos[0].shape[1:3]
     scores = ShapesOracle(height=height, width=width).score(videos, [attrs for _, attrs in prompts])
     return scores, format_oracle_table({label: scores})
+
+
+@torch.no_grad()
+def evaluate_video_tokenizer(
+    video_tokenizer, clips: torch.Tensor, captions: Sequence[str], batch_size: int = 16
+) -> tuple[dict[str, float], str, np.ndarray]:
+    """How much of a clip a video tokenizer keeps: (scores, markdown table, reconstructions).
+
+    `clips` are uint8 (N, F, H, W, 3). Scores: reconstruction PSNR (dB, pixels in [0, 1]), the share of
+    the codebook used by these clips, and the oracle's accuracy on the reconstructions beside its
+    accuracy on the originals (the ceiling), so the table shows what tokenising destroys.
+    """
+    from ..flow_matching import frames_to_model_input
+
+    reconstructions, used = [], torch.zeros(video_tokenizer.codebook_size, dtype=torch.bool)
+    for start in range(0, clips.shape[0], batch_size):
+        codes = video_tokenizer.encode(frames_to_model_input(clips[start : start + batch_size]).to(video_tokenizer.device))
+        used[codes.flatten().cpu()] = True
+        pixels = video_tokenizer.decode(codes).float().clamp(-1, 1).add(1).div(2)  # (B, C, F, H, W) in [0, 1]
+        reconstructions.append(pixels.permute(0, 2, 3, 4, 1).cpu().numpy())
+    reconstructed = np.concatenate(reconstructions)
+    originals = clips.float().numpy() / 255.0
+    mse = float(np.mean((reconstructed - originals) ** 2))
+    height, width = clips.shape[2:4]
+    oracle = ShapesOracle(height=height, width=width)
+    rows = {"original clips": oracle.score(originals, list(captions)), "reconstructed": oracle.score(reconstructed, list(captions))}
+    scores = {
+        "psnr_db": 10 * float(np.log10(1.0 / max(mse, 1e-12))),
+        "codebook_usage": float(used.float().mean()),
+        "codes_used": int(used.sum()),
+        "codebook_size": int(video_tokenizer.codebook_size),
+        "num_clips": int(clips.shape[0]),
+        "oracle_original": rows["original clips"],
+        "oracle_reconstructed": rows["reconstructed"],
+    }
+    table = (
+        f"Reconstruction PSNR {scores['psnr_db']:.2f} dB; codebook usage {scores['codebook_usage']:.1%} "
+        f"({scores['codes_used']} of {scores['codebook_size']} codes) on {scores['num_clips']} clips.\n\n" + format_oracle_table(rows)
+    )
+    return scores, table, reconstructed
 
 
 def learning_curve_metrics(
