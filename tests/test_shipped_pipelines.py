@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from chronos_video import ARVideoPipeline
 from chronos_video.cli import load_pipeline
 from chronos_video.evaluation.pipeline_eval import evaluate_pipeline
 
@@ -24,9 +25,13 @@ def test_something_is_shipped():
 def test_shipped_pipeline_generates_offline(path):
     pipe = load_pipeline(str(path))
     pipe.set_progress_bar_config(disable=True)
-    frames = pipe("a large blue square moving left to right quickly", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).frames
-    config = pipe.transformer.config
-    assert frames.shape == (1, config.sample_frames, config.sample_height, config.sample_width, 3)
+    if isinstance(pipe, ARVideoPipeline):  # autoregressive: no sampling steps; its length is pipeline config
+        frames = pipe("a large blue square moving left to right quickly", generator=torch.Generator().manual_seed(0)).frames
+        assert frames.shape == (1, pipe.config.num_frames, *pipe.frame_size, 3)
+    else:
+        frames = pipe("a large blue square moving left to right quickly", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).frames
+        config = pipe.transformer.config
+        assert frames.shape == (1, config.sample_frames, config.sample_height, config.sample_width, 3)
     assert np.isfinite(frames).all()
     weights = list(path.rglob("*.safetensors"))
     assert weights and not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))
@@ -42,9 +47,10 @@ def test_model_card_scores_are_reproducible(path):
     settings = json.loads((path / "training_config.json").read_text())
     pipe = load_pipeline(str(path))
     pipe.set_progress_bar_config(disable=True)
+    is_ar = isinstance(pipe, ARVideoPipeline)
     scores, table = evaluate_pipeline(
-        pipe, num_prompts=settings["eval_num_prompts"], num_inference_steps=settings["eval_num_inference_steps"],
-        guidance_scale=settings["eval_guidance_scale"], seed=settings["seed"],
+        pipe, num_prompts=settings["eval_num_prompts"], num_inference_steps=None if is_ar else settings["eval_num_inference_steps"],
+        guidance_scale=settings["eval_guidance_scale"], seed=settings["seed"], **(settings.get("generation") or {} if is_ar else {}),
     )
     for key in ("color", "shape", "size", "direction", "speed", "all"):
         # Sampling is deterministic up to float summation order (thread counts differ between the

@@ -94,6 +94,8 @@ def test_hub_style_dataset_from_a_local_path(video_folder, tmp_path):
             "cache_dir": str(tmp_path / "cache"), "num_clips": 1}
     frames, captions = load_training_clips(data)
     assert frames.shape == (1, 4, 16, 16, 3) and captions == ["cyclists riding along a street"]
+    streamed, _ = load_training_clips({**data, "streaming": True, "cache_dir": str(tmp_path / "cache-stream")})
+    assert (streamed == frames).all()
     with pytest.raises(ValueError, match="`data.caption_column`='caption'"):
         load_training_clips({**data, "caption_column": "caption"})
 

@@ -103,11 +103,11 @@ def _rows(data: dict[str, Any]) -> tuple[Iterable[dict], str, str, str]:
         dataset = load_dataset(path, split=data.get("hub_split", "train"), streaming=streaming)
         video_column, caption_column = data.get("video_column", "video"), data.get("caption_column", "text")
         identity = json.dumps([path, data.get("hub_split", "train"), getattr(dataset, "_fingerprint", None)])
-    names = set(dataset.column_names or []) if dataset.column_names is not None else set()
+    names = set(dataset.column_names or [])  # a streamed dataset may not know its columns before the first row
     for label, column in (("video_column", video_column), ("caption_column", caption_column)):
         if names and column not in names:
             raise ValueError(f"`data.{label}`={column!r} is not a column of {path!r}; columns: {sorted(names)}.")
-    if isinstance(dataset.features.get(video_column), Video):
+    if isinstance((dataset.features or {}).get(video_column), Video):
         dataset = dataset.cast_column(video_column, Video(decode=False))
     return dataset, video_column, caption_column, identity
 
