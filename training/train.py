@@ -49,6 +49,8 @@ with quiet_backend_imports():  # accelerate, diffusers and peft import the optio
     from chronos_video.training_config import TrainConfig
     from chronos_video.training_config import parse_config as _parse_config
     from chronos_video.training_utils import (
+        evaluation_weights,
+        log_learning_curve,
         optimizer_step,
         record_update,
         resolve_checkpoint,
@@ -258,32 +260,21 @@ def main(argv: list[str] | None = None) -> Path:
 def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, ema, trainable, step, seconds_per_step):
     """Samples the validation prompts with EMA weights and logs them as frame strips; with
     `validation_num_prompts` / `validation_swap_gap_clips`, adds a learning-curve point."""
-    if ema:
-        ema.store(trainable)
-        ema.copy_to(trainable)
-    unwrapped.eval()
-    pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, unwrapped.transformer, scheduler_config, pipeline_config)
-    pipe.set_progress_bar_config(disable=True)
-    videos = None
-    if config.validation_prompts:
-        videos = pipe(config.validation_prompts, num_inference_steps=config.eval_num_inference_steps, guidance_scale=config.eval_guidance_scale,
-                      generator=torch.Generator().manual_seed(0)).frames
-    metrics = {}
-    if (config.validation_num_prompts or config.validation_swap_gap_clips) and is_shapes_data(config.data):
-        metrics = learning_curve_metrics(
-            pipe, config.data, num_prompts=config.validation_num_prompts, num_clips=config.validation_swap_gap_clips,
-            num_inference_steps=config.eval_num_inference_steps, guidance_scale=config.eval_guidance_scale, seed=config.seed,
-        )
-    unwrapped.train()
-    if ema:
-        ema.restore(trainable)
+    with evaluation_weights(unwrapped, trainable, ema):
+        pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, unwrapped.transformer, scheduler_config, pipeline_config)
+        pipe.set_progress_bar_config(disable=True)
+        videos = None
+        if config.validation_prompts:
+            videos = pipe(config.validation_prompts, num_inference_steps=config.eval_num_inference_steps, guidance_scale=config.eval_guidance_scale,
+                          generator=torch.Generator().manual_seed(0)).frames
+        metrics = {}
+        if (config.validation_num_prompts or config.validation_swap_gap_clips) and is_shapes_data(config.data):
+            metrics = learning_curve_metrics(
+                pipe, config.data, num_prompts=config.validation_num_prompts, num_clips=config.validation_swap_gap_clips,
+                num_inference_steps=config.eval_num_inference_steps, guidance_scale=config.eval_guidance_scale, seed=config.seed,
+            )
     if metrics:
-        accelerator.log(metrics, step=step)
-        curve = Path(config.output_dir) / "logs" / "learning_curve.jsonl"
-        curve.parent.mkdir(parents=True, exist_ok=True)
-        with curve.open("a") as handle:
-            handle.write(json.dumps({"step": step, **metrics, "seconds_per_step": seconds_per_step}) + "\n")
-        logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        log_learning_curve(accelerator, config.output_dir, step, metrics, seconds_per_step)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard" and videos is not None:
             strips = np.concatenate(list(videos), axis=1)  # (frames, prompts*H, W, C)

@@ -15,7 +15,6 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -35,6 +34,8 @@ from .pipelines.pipeline_ar import ARVideoPipeline
 from .text import train_caption_tokenizer
 from .training_config import TrainConfig
 from .training_utils import (
+    evaluation_weights,
+    log_learning_curve,
     optimizer_step,
     record_update,
     resolve_checkpoint,
@@ -305,15 +306,11 @@ def train_autoregressive(config: TrainConfig, accelerator: Accelerator) -> Path:
             accelerator.wait_for_everyone()
         if config.validation_steps and global_step % config.validation_steps == 0 and accelerator.is_main_process:
             validation_started = time.time()
-            metrics = _validate(stage, config, module, ema, trainable)
+            with evaluation_weights(module, trainable, ema):
+                metrics = stage.validate(config)
             if metrics:
                 seconds_per_step = (validation_started - started - validation_seconds) / max(global_step - resumed_from_step, 1)
-                accelerator.log(metrics, step=global_step)
-                curve = output_dir / "logs" / "learning_curve.jsonl"
-                curve.parent.mkdir(parents=True, exist_ok=True)
-                with curve.open("a") as handle:
-                    handle.write(json.dumps({"step": global_step, **metrics, "seconds_per_step": seconds_per_step}) + "\n")
-                logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                log_learning_curve(accelerator, output_dir, global_step, metrics, seconds_per_step)
             validation_seconds += time.time() - validation_started
     train_seconds = time.time() - started  # wall-clock, validations included (as train.py reports it)
     progress.close()
@@ -331,16 +328,3 @@ def train_autoregressive(config: TrainConfig, accelerator: Accelerator) -> Path:
     accelerator.end_training()
     return output_dir
 
-
-def _validate(stage: _Stage, config: TrainConfig, module: torch.nn.Module, ema: EMAModel | None, trainable: list) -> dict[str, Any]:
-    """The stage's validation metrics with the EMA weights swapped in."""
-    if ema:
-        ema.store(trainable)
-        ema.copy_to(trainable)
-    module.eval()
-    try:
-        return stage.validate(config)
-    finally:
-        module.train()
-        if ema:
-            ema.restore(trainable)

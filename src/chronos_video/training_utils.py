@@ -9,7 +9,9 @@ into place in one step, so a killed process can never leave a half-written check
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -235,3 +237,28 @@ def step_batch(config, micro_step: int, step: int, num_main: int, num_items: int
         curriculum_mix=config.curriculum_mix if config.curriculum_data else 0.0,
     )
     return indices, torch.Generator().manual_seed(config.seed * 7_919 + micro_step * world + rank)
+
+
+@contextlib.contextmanager
+def evaluation_weights(module: torch.nn.Module, trainable, ema=None):
+    """Inside: `module` in eval mode with the EMA weights (if any) in place; restored to training afterwards."""
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train()
+        if ema is not None:
+            ema.restore(trainable)
+
+
+def log_learning_curve(accelerator, output_dir: str | os.PathLike, step: int, metrics: dict[str, float], seconds_per_step: float) -> None:
+    """One learning-curve point: to the trackers, to `<output_dir>/logs/learning_curve.jsonl` and to the log."""
+    accelerator.log(metrics, step=step)
+    curve = Path(output_dir) / "logs" / "learning_curve.jsonl"
+    curve.parent.mkdir(parents=True, exist_ok=True)
+    with curve.open("a") as handle:
+        handle.write(json.dumps({"step": step, **metrics, "seconds_per_step": seconds_per_step}) + "\n")
+    logging.getLogger("chronos_video.train").info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
