@@ -70,7 +70,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def load_training_frames(config: TrainConfig, overrides: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[str]]:
-    """The run's clips (shapes, a video folder or a `datasets` dataset) as uint8 (N, F, H, W, 3) plus captions, cached on disk."""
+    """The run's clips (shapes, moving_fashion, a video folder or a `datasets` dataset) as uint8 (N, F, H, W, 3) plus captions, cached on disk."""
     return load_training_clips({**config.data, **(overrides or {})})
 
 
@@ -91,6 +91,9 @@ def data_description(config: TrainConfig) -> str:
     size = f"{data.get('num_frames')}x{data.get('height')}x{data.get('width')}"
     if is_shapes_data(data):
         return f"the procedural *shapes* dataset ({data.get('num_clips')} clips of {size}, held-out attribute combinations excluded from training)"
+    if data.get("type") == "moving_fashion":
+        return (f"Moving Fashion-MNIST ({data.get('num_clips')} clips of {size} built from the Fashion-MNIST "
+                f"{data.get('split', 'train')} images, MIT licence; `data.type: moving_fashion`)")
     return f"`{data.get('path')}` (`data.type: {data.get('type')}`, clips of {size})"
 
 

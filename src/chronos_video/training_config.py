@@ -152,7 +152,7 @@ class TrainConfig:
 
         if self.data.get("type", "shapes") not in DATA_TYPES:
             raise ValueError(f"`data.type` must be one of {list(DATA_TYPES)}, got {self.data.get('type')!r}.")
-        if self.data.get("type", "shapes") != "shapes" and not self.data.get("path"):
+        if self.data.get("type", "shapes") in ("videofolder", "hub") and not self.data.get("path"):
             raise ValueError(f"`data.type: {self.data['type']}` needs `data.path` (a video folder, dataset name or local dataset path).")
         if self.text_encoder.get("pretrained"):
             if not isinstance(self.text_encoder["pretrained"], str):

@@ -1,6 +1,16 @@
-"""Datasets for chronos-video: procedural captioned clips built as `datasets.Dataset` objects."""
+"""Datasets for chronos-video: procedural captioned clips (shapes, Moving Fashion-MNIST) built as `datasets.Dataset`
+objects, and real videos."""
 
-from .cached import DATA_TYPES, is_shapes_data, load_shapes_frames, load_training_clips
+from .cached import DATA_TYPES, is_shapes_data, load_moving_fashion_frames, load_shapes_frames, load_training_clips
+from .moving_fashion import (
+    FASHION_CLASSES,
+    FASHION_MNIST_DIR,
+    MOVING_FASHION_CAPTION_TEMPLATES,
+    build_moving_fashion_dataset,
+    load_fashion_mnist,
+    moving_fashion_features,
+    read_idx,
+)
 from .shapes import (
     ATTRIBUTE_NAMES,
     CAPTION_TEMPLATES,
@@ -28,19 +38,27 @@ __all__ = [
     "CAPTION_TEMPLATES",
     "COLORS",
     "DIRECTIONS",
+    "FASHION_CLASSES",
+    "FASHION_MNIST_DIR",
     "HELDOUT_COMBINATIONS",
+    "MOVING_FASHION_CAPTION_TEMPLATES",
     "SHAPES",
     "SIZES",
     "SPEEDS",
     "ShapeAttributes",
+    "build_moving_fashion_dataset",
     "build_shapes_dataset",
     "heldout_prompts",
     "is_heldout",
     "is_shapes_data",
+    "load_fashion_mnist",
+    "load_moving_fashion_frames",
     "load_shapes_frames",
     "load_training_clips",
     "max_num_frames",
+    "moving_fashion_features",
     "parse_caption",
+    "read_idx",
     "render_clip",
     "sample_attributes",
     "save_shapes_dataset",

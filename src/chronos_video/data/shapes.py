@@ -36,6 +36,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .motion import DIRECTIONS, SPEEDS, check_positive_int, check_start_spread, place_starts, start_range, velocity
+
 __all__ = [
     "COLORS",
     "SHAPES",
@@ -68,19 +70,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: dict[str, float] = {"small": 0.20, "large": 0.34}
-
-_DIAGONAL = 1.0 / math.sqrt(2.0)
-DIRECTIONS: dict[str, tuple[float, float]] = {
-    "left to right": (1.0, 0.0),
-    "right to left": (-1.0, 0.0),
-    "top to bottom": (0.0, 1.0),
-    "bottom to top": (0.0, -1.0),
-    "diagonally down and right": (_DIAGONAL, _DIAGONAL),
-    "diagonally up and left": (-_DIAGONAL, -_DIAGONAL),
-    "diagonally down and left": (-_DIAGONAL, _DIAGONAL),
-    "diagonally up and right": (_DIAGONAL, -_DIAGONAL),
-}
-SPEEDS: dict[str, float] = {"slowly": 1.0, "quickly": 2.0}
+# DIRECTIONS and SPEEDS (shared with `moving_fashion`) live in `chronos_video.data.motion`.
 
 # Template 0 is the canonical caption used for evaluation prompts; the others add wording variety
 # so a text encoder has to learn attributes rather than positions in one fixed sentence.
@@ -237,12 +227,6 @@ def parse_caption(caption: str) -> ShapeAttributes:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-    return int(value)
-
-
 def _extents(shape: str, diameter: float) -> tuple[float, float, float, float]:
     """Distances from the centre to the (left, right, top, bottom) edges of the shape."""
     half = diameter / 2.0
@@ -252,22 +236,18 @@ def _extents(shape: str, diameter: float) -> tuple[float, float, float, float]:
 
 
 def _velocity(attrs: ShapeAttributes, height: int) -> np.ndarray:
-    return np.asarray(DIRECTIONS[attrs.direction], dtype=np.float64) * SPEEDS[attrs.speed] * height / 64.0
+    return velocity(attrs.direction, attrs.speed, height)
 
 
 def _start_range(attrs: ShapeAttributes, num_frames: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Lowest and highest valid start centre so that the whole shape stays inside the frame."""
-    left, right, top, bottom = _extents(attrs.shape, SIZES[attrs.size] * height)
-    travel = _velocity(attrs, height) * (num_frames - 1)
-    low = np.array([left - min(travel[0], 0.0), top - min(travel[1], 0.0)])
-    high = np.array([width - right - max(travel[0], 0.0), height - bottom - max(travel[1], 0.0)])
-    return low, high
+    return start_range(_extents(attrs.shape, SIZES[attrs.size] * height), _velocity(attrs, height), num_frames, height, width)
 
 
 def max_num_frames(height: int = 32, width: int = 32) -> int:
     """Longest clip for which every attribute combination fits inside a `height x width` frame."""
-    height = _check_positive_int("height", height, _MIN_SIDE)
-    width = _check_positive_int("width", width, _MIN_SIDE)
+    height = check_positive_int("height", height, _MIN_SIDE)
+    width = check_positive_int("width", width, _MIN_SIDE)
     return _longest_clip(height, width)
 
 
@@ -291,9 +271,9 @@ _SPAN_CASES = tuple(
 
 
 def _check_geometry(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    num_frames = _check_positive_int("num_frames", num_frames, 2)
-    height = _check_positive_int("height", height, _MIN_SIDE)
-    width = _check_positive_int("width", width, _MIN_SIDE)
+    num_frames = check_positive_int("num_frames", num_frames, 2)
+    height = check_positive_int("height", height, _MIN_SIDE)
+    width = check_positive_int("width", width, _MIN_SIDE)
     longest = max_num_frames(height, width)
     if num_frames > longest:
         raise ValueError(
@@ -435,12 +415,6 @@ def shapes_features(num_frames: int = 16, height: int = 32, width: int = 32):
     )
 
 
-def _check_start_spread(start_spread) -> float:
-    if isinstance(start_spread, bool) or not isinstance(start_spread, (int, float, np.floating)) or not 0.0 <= start_spread <= 1.0:
-        raise ValueError(f"`start_spread` must be a number in [0, 1], got {start_spread!r}.")
-    return float(start_spread)
-
-
 def _restricted_combinations(split: str, attributes: dict[str, Sequence[str]] | None) -> tuple[ShapeAttributes, ...]:
     """The split's combinations, keeping only the values `attributes` allows per attribute name."""
     combos = _SPLIT_COMBINATIONS[split]
@@ -463,16 +437,6 @@ def _restricted_combinations(split: str, attributes: dict[str, Sequence[str]] | 
     return kept
 
 
-def _place_starts(low: np.ndarray, high: np.ndarray, fraction: np.ndarray, start_spread: float) -> np.ndarray:
-    """Start centres from uniform draws in [0, 1): anywhere valid at spread 1, the middle at 0.
-
-    The middle of the valid range puts the midpoint of the path at the centre of the frame.
-    """
-    if start_spread == 1.0:  # bit-identical to datasets built before the option existed
-        return low + fraction * (high - low)
-    return low + (0.5 + start_spread * (fraction - 0.5)) * (high - low)
-
-
 def _iter_chunks(
     num_clips: int, num_frames: int, height: int, width: int, split: str, seed: int, chunk_size: int,
     start_spread: float = 1.0, attributes: dict[str, Sequence[str]] | None = None,
@@ -490,7 +454,7 @@ def _iter_chunks(
         bounds = [_start_range(a, num_frames, height, width) for a in attrs]
         low = np.stack([b[0] for b in bounds])
         high = np.stack([b[1] for b in bounds])
-        starts = _place_starts(low, high, start_fraction[begin:end], start_spread)
+        starts = place_starts(low, high, start_fraction[begin:end], start_spread)
         frames, centres = _render_batch(attrs, starts, num_frames, height, width)
         yield {
             "frames": frames,
@@ -530,13 +494,13 @@ def build_shapes_dataset(
     """
     import datasets
 
-    num_clips = _check_positive_int("num_clips", num_clips)
+    num_clips = check_positive_int("num_clips", num_clips)
     num_frames, height, width = _check_geometry(num_frames, height, width)
     split = _check_split(split)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
-    chunk_size = _check_positive_int("chunk_size", chunk_size)
-    start_spread = _check_start_spread(start_spread)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
+    start_spread = check_start_spread(start_spread)
     features = shapes_features(num_frames, height, width)
     parts = [
         datasets.Dataset.from_dict(columns, features=features)
@@ -576,7 +540,7 @@ def heldout_prompts(
     held-out pairing; the remaining attributes are drawn with `seed`. The caption uses
     `CAPTION_TEMPLATES[template_index]`, or a random template when `template_index` is None.
     """
-    num_prompts = _check_positive_int("num_prompts", num_prompts)
+    num_prompts = check_positive_int("num_prompts", num_prompts)
     if template_index is not None and (
         isinstance(template_index, bool)
         or not isinstance(template_index, (int, np.integer))
