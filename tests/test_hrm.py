@@ -185,6 +185,17 @@ def test_deep_supervision_loss_and_halting_targets():
         deep_supervision_loss(HRMVideoModelOutput(sample=target), target)
 
 
+def test_halting_loss_trains_only_the_halting_head():
+    # the halting BCE is a read-out: unchecked, its gradient on the shared (timestep + text) vector was
+    # several times the flow loss's and slowed learning from the prompt (issue 12)
+    model = tiny_hrm(max_segments=2).train()
+    video, timestep, text, mask = backbone_inputs()
+    out = model(video, timestep, text, mask, deep_supervision=True)
+    out.halt_logits.sum().backward()
+    trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained == {"halt_head.proj.weight", "halt_head.proj.bias"}
+
+
 def test_shared_weights_variant_roundtrips(tmp_path):
     shared = tiny_hrm(shared_weights=True)
     separate = tiny_hrm()

@@ -263,7 +263,8 @@ class HRMVideoModel(VideoBackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixi
             segments[active] += 1
             if deep_supervision:
                 segment_samples.append(self._velocity(state.high, grid, conditioning, hidden_states, timestep))
-                halt_logits.append(self.halt_head(state.high, conditioning))
+                # a read-out: the halting BCE must not steer the states or the (timestep + text) vector
+                halt_logits.append(self.halt_head(state.high.detach(), conditioning.detach()))
             elif halting and index + 1 >= self.config.min_segments and index + 1 < max_segments:
                 halt = torch.sigmoid(self.halt_head(state.high, block_args[0])) > self.config.halt_threshold
                 active = active[~halt]
