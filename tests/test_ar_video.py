@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessorList
 from chronos_video import ARVideoConfig, ARVideoForCausalLM, ARVideoPipeline, FSQVideoTokenizer
 from chronos_video.evaluation.pipeline_eval import evaluate_video_tokenizer
 from chronos_video.models.ar_video import VideoRotaryEmbedding, VisualTokensLogitsProcessor
+from conftest import load_train_script
 
 
 def tiny_video_tokenizer() -> FSQVideoTokenizer:
@@ -232,18 +233,13 @@ def test_pipeline_rejects_bad_arguments(pipe, kwargs, name):
 def test_train_tokenizer_then_lm_then_generate_longer(tmp_path):
     """`training/train.py` trains both stages from the committed smoke configs; the saved pipeline loads
     and generates past its training length; a resumed LM run continues from its checkpoint."""
-    import importlib.util
     import json
-    import sys
     from pathlib import Path
 
     from chronos_video.cli import main as cli_main
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("chronos_train_ar", root / "training" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = train
-    spec.loader.exec_module(train)
+    train = load_train_script("chronos_train_ar")
     cache = ["--data.cache_dir", str(tmp_path / "cache"), "--report_to", "null"]
     tokenizer_dir = train.main(["--config", str(root / "training/configs/ar_tokenizer_smoke.yaml"), "--output_dir", str(tmp_path / "tok"), *cache])
     scores = json.loads((tokenizer_dir / "tokenizer_scores.json").read_text())

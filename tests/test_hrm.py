@@ -3,9 +3,7 @@ deep-supervision loss, HRMVideoPipeline (halting, warm start, per-step trace) an
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from peft import LoraConfig
 from chronos_video import ChronosFlowMatchScheduler, HRMVideoModel, HRMVideoPipeline, build_text_encoder
 from chronos_video.models.hrm_video import HRMCarry, HRMVideoModelOutput, deep_supervision_loss
 from chronos_video.pipelines.pipeline_flow_video import FlowVideoPipeline
-from conftest import backbone_inputs, check_attention_dispatch, perturb_zero_init
+from conftest import backbone_inputs, check_attention_dispatch, load_train_script, perturb_zero_init
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a small red circle moving left to right slowly"
@@ -323,11 +321,7 @@ def test_pipeline_precision_and_bad_arguments(tiny_tokenizer):
 
 # ---------------------------------------------------------------------------------------------- training
 def load_train_module():
-    spec = importlib.util.spec_from_file_location("chronos_train_hrm", ROOT / "training" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_train_script("chronos_train_hrm")
 
 
 def test_deep_supervision_config_is_validated():

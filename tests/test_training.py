@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,17 +14,14 @@ from safetensors.torch import load_file
 
 from chronos_video import NanoSoraPipeline
 from chronos_video.training_utils import list_checkpoints, load_state_dict, resolve_checkpoint, save_checkpoint, save_state_dict
+from conftest import load_train_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "training" / "configs" / "smoke.yaml"
 
 
 def load_train_module():
-    spec = importlib.util.spec_from_file_location("chronos_train", ROOT / "training" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_train_script("chronos_train")
 
 
 @pytest.fixture(scope="module")

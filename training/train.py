@@ -60,6 +60,7 @@ with quiet_backend_imports():  # accelerate, diffusers and peft import the optio
         step_batch,
         training_states,
     )
+    from chronos_video.training_vae import VAE_ARCHITECTURE, encode_training_latents, train_video_vae
 
 logger = get_logger("chronos_video.train")
 
@@ -97,7 +98,7 @@ def data_description(config: TrainConfig) -> str:
     return f"`{data.get('path')}` (`data.type: {data.get('type')}`, clips of {size})"
 
 
-def flow_card_description(output_dir: Path, config: TrainConfig, scores_table: str | None, gif_name: str | None, num_params: int) -> str:
+def flow_card_description(output_dir: Path, config: TrainConfig, scores_table: str | None, gif_name: str | None, num_params: int, vae=None) -> str:
     pipeline_class = get_architecture(config.architecture).pipeline_class.__name__
     sample = f"![samples]({gif_name})\n\n" if gif_name else ""
     if scores_table is None:
@@ -107,10 +108,14 @@ def flow_card_description(output_dir: Path, config: TrainConfig, scores_table: s
 (the pixel oracle of `chronos_video.evaluation`; its ceiling on real clips is checked in the library's tests):
 
 {scores_table}"""
+    space = ""
+    if vae is not None:
+        vae_params = sum(p.numel() for p in vae.parameters()) / 1e6
+        space = f" It generates in the latent space of its frozen `vae` component (a {vae_params:.2f} M-parameter `{type(vae).__name__}`), which decodes to pixels."
     return f"""# {output_dir.name}
 
 A `{pipeline_class}` ({config.architecture}, {num_params / 1e6:.2f} M parameters incl. text encoder) trained with
-chronos-video's `training/train.py` on {data_description(config)}.
+chronos-video's `training/train.py` on {data_description(config)}.{space}
 
 {sample}## Oracle evaluation on held-out attribute combinations
 
@@ -138,6 +143,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     if config.architecture in AR_ARCHITECTURES:  # the video tokenizer or the autoregressive LM over its codes
         return train_autoregressive(config, accelerator)
+    if config.architecture == VAE_ARCHITECTURE:  # the video autoencoder of latent training
+        return train_video_vae(config, accelerator)
     architecture = get_architecture(config.architecture)
     set_seed(config.seed)
 
@@ -146,16 +153,22 @@ def main(argv: list[str] | None = None) -> Path:
     if config.curriculum_data:
         extra_frames, extra_captions = load_training_frames(config, config.curriculum_data)
         frames, captions = torch.cat([frames, extra_frames]), captions + extra_captions
+    vae = latents = None  # latent training: the clips encoded once by the frozen autoencoder
+    if config.vae:
+        vae, latents = encode_training_latents(config, frames)
     if config.pretrained_pipeline:
         base = architecture.pipeline_class.from_pretrained(config.pretrained_pipeline)
         tokenizer, text_encoder, transformer = base.tokenizer, base.text_encoder, base.transformer
+        if getattr(base, "vae", None) is not None and vae is None:
+            vae, latents = encode_training_latents(config, frames, base.vae)
         scheduler_config = dict(base.scheduler.config)
         pipeline_config = dict(base.parameters)
     else:
         tokenizer, text_encoder, accuracy = build_text_model(config, captions)
         if accuracy is not None:
             logger.info(f"Text encoder pretrained for {config.text_encoder_pretrain_steps} steps: caption reconstruction accuracy {accuracy:.1%}.")
-        transformer = build_backbone(config, text_embed_dim=text_encoder.config.hidden_size)
+        sample_shape = None if latents is None else tuple(latents.shape[1:])
+        transformer = build_backbone(config, text_embed_dim=text_encoder.config.hidden_size, sample_shape=sample_shape)
         scheduler_config = dict(config.scheduler)
         pipeline_config = {}
 
@@ -211,7 +224,7 @@ def main(argv: list[str] | None = None) -> Path:
     module.train()
     while global_step < config.max_train_steps:
         indices, step_rng = step_batch(config, micro_step, global_step, num_main_items, frames.shape[0], rank, world)
-        clip = frames_to_model_input(frames[indices])
+        clip = frames_to_model_input(frames[indices]) if latents is None else latents[indices]
         batch_captions = [
             "" if float(torch.rand((), generator=step_rng)) < config.caption_dropout else captions[int(i)] for i in indices
         ]
@@ -246,7 +259,8 @@ def main(argv: list[str] | None = None) -> Path:
         if config.validation_steps and global_step % config.validation_steps == 0 and accelerator.is_main_process:
             validation_started = time.time()
             seconds_per_step = (validation_started - started - validation_seconds) / max(global_step - resumed_from_step, 1)
-            log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, ema, trainable, global_step, seconds_per_step)
+            log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, ema, trainable, global_step,
+                           seconds_per_step, vae)
             validation_seconds += time.time() - validation_started
     train_seconds = time.time() - started
     progress.close()
@@ -255,16 +269,16 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         if ema:
             ema.copy_to(trainable)
-        finalize(accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, output_dir, train_seconds, resumed_from_step)
+        finalize(accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, output_dir, train_seconds, resumed_from_step, vae)
     accelerator.end_training()
     return output_dir
 
 
-def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, ema, trainable, step, seconds_per_step):
+def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, ema, trainable, step, seconds_per_step, vae=None):
     """Samples the validation prompts with EMA weights and logs them as frame strips; with
     `validation_num_prompts` / `validation_swap_gap_clips`, adds a learning-curve point."""
     with evaluation_weights(unwrapped, trainable, ema):
-        pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, unwrapped.transformer, scheduler_config, pipeline_config)
+        pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, unwrapped.transformer, scheduler_config, pipeline_config, vae)
         pipe.set_progress_bar_config(disable=True)
         videos = None
         if config.validation_prompts:
@@ -285,7 +299,8 @@ def log_validation(accelerator, architecture, tokenizer, unwrapped, scheduler_co
 
 
 def finalize(
-    accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, output_dir: Path, train_seconds: float, resumed_from_step: int = 0
+    accelerator, architecture, tokenizer, unwrapped, scheduler_config, pipeline_config, config, output_dir: Path, train_seconds: float, resumed_from_step: int = 0,
+    vae=None,
 ) -> None:
     """Saves the pipeline, evaluates it with the oracle, writes the sample GIF and the model card."""
     from chronos_video.evaluation.pipeline_eval import evaluate_pipeline
@@ -295,10 +310,10 @@ def finalize(
     if config.lora_rank:
         from peft.utils import get_peft_model_state_dict
 
-        pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, transformer, scheduler_config, pipeline_config)
+        pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, transformer, scheduler_config, pipeline_config, vae)
         architecture.pipeline_class.save_lora_weights(str(output_dir), transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True)
     else:
-        pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, transformer, scheduler_config, pipeline_config)
+        pipe = build_pipeline(architecture, tokenizer, unwrapped.text_encoder, transformer, scheduler_config, pipeline_config, vae)
         pipe.save_pretrained(str(output_dir), safe_serialization=True)
     (output_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2))
     summary = {"train_seconds": train_seconds, "steps": config.max_train_steps, "resumed_from_step": resumed_from_step,
@@ -322,7 +337,7 @@ def finalize(
         gif_name = save_sample_gif(videos, output_dir / "samples.gif")
 
     num_params = sum(p.numel() for p in unwrapped.parameters())
-    description = flow_card_description(output_dir, config, table, gif_name, num_params)
+    description = flow_card_description(output_dir, config, table, gif_name, num_params, vae)
     usage = flow_usage(architecture.pipeline_class.__name__, config.hub_model_id or f"chronos-video/{output_dir.name}")
     write_model_card(output_dir, config, description, usage, train_seconds, hardware_description(accelerator), resumed_from_step)
     if config.push_to_hub:

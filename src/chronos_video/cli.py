@@ -134,6 +134,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     pipe.set_progress_bar_config(disable=True)
     options = sampling_kwargs(pipe, args)
     steps = options.pop("num_inference_steps", None)
+    if args.fvd:  # real clips for FVD-local are placed as the pipeline's training clips were
+        options.update(fvd=True, start_spread=_start_spread(args))
     scores, table = evaluate_pipeline(
         pipe, num_prompts=args.num_prompts, num_inference_steps=steps, guidance_scale=args.guidance_scale,
         seed=args.seed, batch_size=args.batch_size, **options,
@@ -230,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     evaluate.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    evaluate.add_argument(
+        "--fvd", action="store_true",
+        help="also report FVD-local (our shapes 3D-CNN features, not comparable to I3D-FVD) beside its real-vs-real "
+        "floor (real clips with the same captions), both against real clips of other held-out prompts",
+    )
+    evaluate.add_argument(
+        "--start-spread", type=float, default=None,
+        help="with --fvd: where the real clips' paths lie (0 centred, 1 anywhere); default: as the pipeline's "
+        "training_config.json says, else 1",
+    )
     _add_sampling_options(evaluate)
     evaluate.set_defaults(func=_evaluate)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 class Architecture:
     name: str
     model_class: type
-    pipeline_class: type | None  # None: a component trained on its own (the video tokenizer)
+    pipeline_class: type | None  # None: a component trained on its own (the video tokenizer, the video VAE)
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
@@ -34,6 +34,8 @@ def list_architectures() -> list[str]:
 
 
 def _register_builtin() -> None:
+    from diffusers import AutoencoderKLLTXVideo
+
     from .models.ar_video import ARVideoForCausalLM
     from .models.fsq_tokenizer import FSQVideoTokenizer
     from .models.hrm_video import HRMVideoModel
@@ -49,6 +51,8 @@ def _register_builtin() -> None:
     register_architecture("hrm", HRMVideoModel, HRMVideoPipeline)
     register_architecture("fsq-tokenizer", FSQVideoTokenizer, None)
     register_architecture("ar-video", ARVideoForCausalLM, ARVideoPipeline)
+    # the video autoencoder of latent training (training_vae.py); `model.vae_class` may pick another diffusers class
+    register_architecture("video-vae", AutoencoderKLLTXVideo, None)
 
 
 _register_builtin()

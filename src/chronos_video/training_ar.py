@@ -8,20 +8,20 @@ Each stage is a small `nn.Module` whose forward returns the loss, so DDP and aut
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .data import load_shapes_frames, load_training_clips
@@ -34,6 +34,7 @@ from .pipelines.pipeline_ar import ARVideoPipeline
 from .text import train_caption_tokenizer
 from .training_config import TrainConfig
 from .training_utils import (
+    encoding_cache_path,
     evaluation_weights,
     log_learning_curve,
     optimizer_step,
@@ -41,24 +42,36 @@ from .training_utils import (
     resolve_checkpoint,
     restore_training_states,
     save_checkpoint,
+    save_file_atomic,
     start_trackers,
     step_batch,
     training_states,
 )
 
-__all__ = ["AR_ARCHITECTURES", "encode_clips", "train_autoregressive"]
+__all__ = ["AR_ARCHITECTURES", "encode_clips", "reconstruction_error", "train_autoregressive", "train_stage"]
 
 AR_ARCHITECTURES = ("fsq-tokenizer", "ar-video")
 logger = logging.getLogger("chronos_video.train")
 
 
-class ReconstructionObjective(torch.nn.Module):
-    """The tokenizer's training forward: squared error of the reconstruction (straight-through FSQ).
+def reconstruction_error(reconstruction: torch.Tensor, video: torch.Tensor, foreground_weight: float = 0.0, loss: str = "l2") -> torch.Tensor:
+    """Mean squared (`l2`) or absolute (`l1`) error of a reconstruction of `video` (B, C, F, H, W) in [-1, 1].
 
-    With `foreground_weight` w, pixels brighter than the oracle's threshold (0.3 of full scale, any
-    channel) count 1 + w times: on mostly black clips plain MSE is dominated by the background, and
-    the colour and outline of the object are what a text-to-video model must keep.
+    With `foreground_weight` w, pixels brighter than the oracle's threshold (0.3 of full scale, any channel)
+    count 1 + w times: on mostly black clips the plain mean is dominated by the background, and the colour
+    and outline of the object are what a text-to-video model must keep.
     """
+    difference = reconstruction.float() - video.float()
+    error = difference.square() if loss == "l2" else difference.abs()
+    if not foreground_weight:
+        return error.mean()
+    foreground = (video.amax(dim=1, keepdim=True) > -0.4).float()  # [-1, 1] scale: brightness 0.3
+    weight = 1.0 + foreground_weight * foreground
+    return (error * weight).sum() / (weight.sum() * video.shape[1])
+
+
+class ReconstructionObjective(torch.nn.Module):
+    """The tokenizer's training forward: `reconstruction_error` (squared) of the straight-through FSQ reconstruction."""
 
     def __init__(self, tokenizer: FSQVideoTokenizer, foreground_weight: float = 0.0):
         super().__init__()
@@ -67,12 +80,7 @@ class ReconstructionObjective(torch.nn.Module):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         reconstruction, _ = self.tokenizer(video)
-        error = (reconstruction.float() - video.float()).square()
-        if not self.foreground_weight:
-            return error.mean()
-        foreground = (video.amax(dim=1, keepdim=True) > -0.4).float()  # [-1, 1] scale: brightness 0.3
-        weight = 1.0 + self.foreground_weight * foreground
-        return (error * weight).sum() / (weight.sum() * video.shape[1])
+        return reconstruction_error(reconstruction, video, self.foreground_weight)
 
 
 class NextCodeObjective(torch.nn.Module):
@@ -89,13 +97,7 @@ class NextCodeObjective(torch.nn.Module):
 def encode_clips(video_tokenizer: FSQVideoTokenizer, frames: torch.Tensor, cache_dir: str | os.PathLike | None = None, batch_size: int = 32) -> torch.LongTensor:
     """Codes (N, F, rows, columns) of uint8 clips (N, F, H, W, 3), computed once per (tokenizer weights,
     clips) and cached as safetensors, so the LM's epochs never run the encoder."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(video_tokenizer.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    digest.update(frames.numpy().tobytes())
-    root = Path(cache_dir or Path.home() / ".cache" / "chronos_video" / "codes")
-    path = root / f"{digest.hexdigest()[:20]}.safetensors"
+    path = encoding_cache_path(video_tokenizer, frames, cache_dir or Path.home() / ".cache" / "chronos_video" / "codes")
     if path.is_file():
         return load_file(str(path))["codes"]
     codes = []
@@ -103,10 +105,7 @@ def encode_clips(video_tokenizer: FSQVideoTokenizer, frames: torch.Tensor, cache
         for start in range(0, frames.shape[0], batch_size):
             codes.append(video_tokenizer.encode(frames_to_model_input(frames[start : start + batch_size]).to(video_tokenizer.device)).cpu())
     codes = torch.cat(codes).to(torch.int32)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    save_file({"codes": codes}, str(staging))
-    os.replace(staging, path)
+    save_file_atomic({"codes": codes}, path)
     return codes.long()
 
 
@@ -116,7 +115,8 @@ class _Stage:
 
     module: torch.nn.Module
 
-    def batch(self, indices: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    def batch(self, indices: torch.Tensor, rng: torch.Generator) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The module's input(s) for these clips; all randomness from `rng`, so resume is exact."""
         raise NotImplementedError
 
     def validate(self, config: TrainConfig) -> dict[str, float]:
@@ -252,8 +252,18 @@ procedural *shapes* clips ({config.data.get('num_clips')} clips, held-out attrib
         write_model_card(output_dir, config, description, usage, train_seconds, hardware, resumed_from_step)
 
 
+def _autoregressive_stage(config: TrainConfig, frames: torch.Tensor, captions: list[str]) -> _Stage:
+    return _TokenizerStage(config, frames) if config.architecture == "fsq-tokenizer" else _LanguageModelStage(config, frames, captions)
+
+
 def train_autoregressive(config: TrainConfig, accelerator: Accelerator) -> Path:
     """Trains the video tokenizer (`fsq-tokenizer`) or the video LM (`ar-video`) described by `config`."""
+    return train_stage(config, accelerator, _autoregressive_stage)
+
+
+def train_stage(config: TrainConfig, accelerator: Accelerator, build_stage: Callable[[TrainConfig, torch.Tensor, list[str]], _Stage]) -> Path:
+    """The training loop of a stage whose module returns its own loss (`build_stage(config, clips, captions)`):
+    checkpoints, resume, EMA, LR schedule, validation and the final save are those of every training run."""
     output_dir = Path(config.output_dir)
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else output_dir / "checkpoints"
     set_seed(config.seed)
@@ -262,7 +272,7 @@ def train_autoregressive(config: TrainConfig, accelerator: Accelerator) -> Path:
     if config.curriculum_data:
         extra_frames, extra_captions = load_training_clips({**config.data, **config.curriculum_data})
         frames, captions = torch.cat([frames, extra_frames]), captions + extra_captions
-    stage = _TokenizerStage(config, frames) if config.architecture == "fsq-tokenizer" else _LanguageModelStage(config, frames, captions)
+    stage = build_stage(config, frames, captions)
 
     module = stage.module
     trainable = [p for p in module.parameters() if p.requires_grad]
@@ -286,10 +296,11 @@ def train_autoregressive(config: TrainConfig, accelerator: Accelerator) -> Path:
     module.train()
     while global_step < config.max_train_steps:
         indices, step_rng = step_batch(config, micro_step, global_step, num_main_items, frames.shape[0], rank, world)
-        inputs = stage.batch(indices, step_rng).to(accelerator.device)
+        inputs = stage.batch(indices, step_rng)
+        inputs = tuple(x.to(accelerator.device) for x in (inputs if isinstance(inputs, tuple) else (inputs,)))
         with accelerator.accumulate(module):
             with accelerator.autocast():
-                loss = module(inputs)
+                loss = module(*inputs)
             optimizer_step(accelerator, loss, trainable, optimizer, lr_scheduler, config.max_grad_norm)
         micro_step += 1
         if not accelerator.sync_gradients:

@@ -157,35 +157,45 @@ def build_text_model(config: TrainConfig, captions: list[str]):
     return tokenizer, text_encoder, accuracy
 
 
-def backbone_kwargs(config: TrainConfig, text_embed_dim: int | None = None) -> dict[str, Any]:
-    """The backbone's constructor arguments for a fresh run: the clip size of `config.data`, the text
-    width (default: the config's text encoder `d_model`) and `config.model` on top."""
+def backbone_kwargs(config: TrainConfig, text_embed_dim: int | None = None, sample_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The backbone's constructor arguments for a fresh run: the clip size of `config.data` (or, for latent
+    training, `sample_shape` = the latents' (channels, frames, height, width)), the text width (default: the
+    config's text encoder `d_model`) and `config.model` on top."""
+    if sample_shape is None:
+        geometry = {"sample_frames": config.data.get("num_frames", 16), "sample_height": config.data.get("height", 32),
+                    "sample_width": config.data.get("width", 32)}
+    else:
+        channels, frames, height, width = sample_shape
+        geometry = {"in_channels": channels, "sample_frames": frames, "sample_height": height, "sample_width": width}
     return {
-        "sample_frames": config.data.get("num_frames", 16),
-        "sample_height": config.data.get("height", 32),
-        "sample_width": config.data.get("width", 32),
+        **geometry,
         "text_embed_dim": text_embed_dim if text_embed_dim is not None else config.text_encoder.get("d_model", 128),
         **config.model,
     }
 
 
-def build_backbone(config: TrainConfig, text_embed_dim: int | None = None) -> torch.nn.Module:
-    """A freshly initialised backbone of `config.architecture` (seed the global RNG first for a fixed init)."""
-    return get_architecture(config.architecture).model_class(**backbone_kwargs(config, text_embed_dim))
+def build_backbone(config: TrainConfig, text_embed_dim: int | None = None, sample_shape: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """A freshly initialised backbone of `config.architecture` (seed the global RNG first for a fixed init);
+    `sample_shape` (C, F, H, W) sizes it for latents instead of pixels."""
+    return get_architecture(config.architecture).model_class(**backbone_kwargs(config, text_embed_dim, sample_shape))
 
 
 def build_pipeline(
-    architecture, tokenizer, text_encoder, transformer, scheduler_config: dict[str, Any], pipeline_config: dict[str, Any] | None = None
+    architecture, tokenizer, text_encoder, transformer, scheduler_config: dict[str, Any], pipeline_config: dict[str, Any] | None = None,
+    vae: torch.nn.Module | None = None,
 ):
     """The architecture's pipeline around trained (or training) components, with a new scheduler.
 
     `pipeline_config` carries sampling policy (precision / constraint settings) over from a base
-    pipeline when fine-tuning, so the fine-tuned folder samples the way its base did.
+    pipeline when fine-tuning, so the fine-tuned folder samples the way its base did. `vae` (latent
+    training) becomes the pipeline's `vae` component, which decodes its latents to pixels.
     """
+    extra = {"vae": vae} if vae is not None else {}
     return architecture.pipeline_class(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         transformer=transformer,
         scheduler=ChronosFlowMatchScheduler(**scheduler_config),
+        **extra,
         **(pipeline_config or {}),
     )

@@ -60,7 +60,14 @@ class TrainConfig:
     objective: str = "flow"
     video_tokenizer: str | None = None  # ar-video: folder of the trained FSQVideoTokenizer
     generation: dict[str, Any] = field(default_factory=dict)  # ar-video: sampling options for evaluation (top_k, ...)
-    foreground_weight: float = 0.0  # fsq-tokenizer: extra loss weight on object pixels (the background dominates plain MSE)
+    foreground_weight: float = 0.0  # fsq-tokenizer, video-vae: extra loss weight on object pixels (the background dominates plain MSE)
+    # video-vae: reconstruction loss ("l1" or "l2") plus kl_weight x the KL divergence per latent element
+    reconstruction_loss: str = "l1"
+    kl_weight: float = 1.0e-4
+    # Latent training: folder of a trained diffusers video autoencoder (a `video-vae` run's output_dir). The clips
+    # are encoded once (posterior mean, cached), the backbone trains on the normalised latents, and the saved
+    # pipeline carries the autoencoder as its `vae` component.
+    vae: str | None = None
     # optimisation
     max_train_steps: int = 1000
     train_batch_size: int = 16
@@ -161,6 +168,12 @@ class TrainConfig:
                 raise ValueError("`text_encoder_pretrain_steps` pretrains a new encoder; it cannot be combined with `text_encoder.pretrained`.")
         if self.foreground_weight < 0:
             raise ValueError(f"`foreground_weight` must be >= 0, got {self.foreground_weight}.")
+        if self.reconstruction_loss not in ("l1", "l2"):
+            raise ValueError(f"`reconstruction_loss` must be 'l1' or 'l2', got {self.reconstruction_loss!r}.")
+        if self.kl_weight < 0:
+            raise ValueError(f"`kl_weight` must be >= 0, got {self.kl_weight}.")
+        if self.vae is not None:
+            self._validate_vae()
         if self.objective not in OBJECTIVES:
             raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}, got {self.objective!r}.")
         if self.objective == "direct":
@@ -184,6 +197,17 @@ class TrainConfig:
             raise ValueError(f"`video_tokenizer`={self.video_tokenizer!r} is not a saved FSQVideoTokenizer folder (no config.json).")
         if self.deep_supervision and not getattr(model_class, "_supports_deep_supervision", False):
             raise ValueError(f"`deep_supervision` needs a recursive backbone; architecture {self.architecture!r} has none.")
+
+    def _validate_vae(self) -> None:
+        """`vae` (latent training) must name a saved autoencoder and suit the run; the data size is checked
+        against the autoencoder when it is loaded (`training_vae.encode_training_latents`)."""
+        if not isinstance(self.vae, str) or not (Path(self.vae) / "config.json").is_file():
+            raise ValueError(f"`vae`={self.vae!r} is not a saved diffusers autoencoder folder (no config.json); "
+                             "train one with `architecture: video-vae` and pass its output_dir.")
+        if self.architecture in ("fsq-tokenizer", "ar-video", "video-vae"):
+            raise ValueError(f"`vae` trains a flow backbone on latents; architecture {self.architecture!r} does not use it.")
+        if self.validation_swap_gap_clips:
+            raise ValueError("`validation_swap_gap_clips` scores the denoising loss of pixel-space pipelines; set it to 0 with `vae`.")
 
 
 def _set_nested(config: dict[str, Any], dotted_key: str, raw_value: str) -> None:

@@ -10,6 +10,7 @@ into place in one step, so a killed process can never leave a half-written check
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -262,3 +263,23 @@ def log_learning_curve(accelerator, output_dir: str | os.PathLike, step: int, me
     with curve.open("a") as handle:
         handle.write(json.dumps({"step": step, **metrics, "seconds_per_step": seconds_per_step}) + "\n")
     logging.getLogger("chronos_video.train").info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+def encoding_cache_path(model: torch.nn.Module, frames: torch.Tensor, root: str | os.PathLike, tag: str = "") -> Path:
+    """`root/<digest>.safetensors`, the digest covering `model`'s weights, the clips and `tag`, so an encoding
+    (tokenizer codes, VAE latents) is computed once per (encoder, data) and never reused for other ones."""
+    digest = hashlib.sha1(tag.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    digest.update(frames.numpy().tobytes())
+    return Path(root) / f"{digest.hexdigest()[:20]}.safetensors"
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """`safetensors.save_file` through a temporary file renamed into place: a killed run never leaves a
+    truncated cache entry that a later run would read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: DDP ranks may write the same entry
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(staging))
+    os.replace(staging, path)

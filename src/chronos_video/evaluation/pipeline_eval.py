@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ def evaluate_pipeline(
     seed: int = 0,
     batch_size: int = 8,
     prompts: Sequence[tuple[str, ShapeAttributes]] | None = None,
+    fvd: bool = False,
+    start_spread: float = 1.0,
     **pipeline_kwargs: Any,
 ) -> tuple[dict[str, float], str]:
     """Generates one video per held-out prompt and returns (oracle scores, markdown table).
@@ -45,12 +47,18 @@ def evaluate_pipeline(
     so the score measures compositional generalisation, not memorisation. Pass `prompts`
     (caption, attributes) pairs, e.g. from `evaluation_prompts`, to score others.
     `num_inference_steps=None` is for pipelines without sampling steps (the autoregressive one).
+
+    `fvd=True` adds FVD-local (`fvd_local_with_floor`, not comparable to I3D-FVD) beside its floor,
+    the score of real clips with the same captions; both against real clips of another draw of
+    held-out prompts (of the same prompts, when `prompts` is given), placed with `start_spread`
+    (use the pipeline's training value).
     """
     if num_prompts < 1:
         raise ValueError(f"`num_prompts` must be >= 1, got {num_prompts}.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    label = "generated (held-out prompts)" if prompts is None else "generated"
+    held_out = prompts is None
+    label = "generated (held-out prompts)" if held_out else "generated"
     prompts = list(prompts) if prompts is not None else heldout_prompts(num_prompts, seed=seed)
     videos: list[np.ndarray] = []
     for start in range(0, len(prompts), batch_size):
@@ -68,45 +76,78 @@ def evaluate_pipeline(
         videos.extend(list(output.frames))
     height, width = videos[0].shape[1:3]
     scores = ShapesOracle(height=height, width=width).score(videos, [attrs for _, attrs in prompts])
-    return scores, format_oracle_table({label: scores})
+    table = format_oracle_table({label: scores})
+    if fvd:
+        from .fvd_local import format_fvd_table, fvd_local_with_floor
+
+        reference = heldout_prompts(len(prompts), seed=seed + 1) if held_out else prompts
+        fvd_scores = fvd_local_with_floor(
+            np.stack(videos), [attrs for _, attrs in prompts], [attrs for _, attrs in reference], seed=seed, start_spread=start_spread
+        )
+        scores.update(fvd_scores)
+        table += "\n\n" + format_fvd_table(fvd_scores)
+    return scores, table
 
 
 @torch.no_grad()
+def evaluate_reconstructions(
+    reconstruct: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor, captions: Sequence[str] | None, batch_size: int = 16
+) -> tuple[dict[str, Any], list[str], np.ndarray]:
+    """What an autoencoder keeps of a clip: (scores, table lines, reconstructions), for any autoencoder.
+
+    `reconstruct` maps a batch in [-1, 1] (B, C, F, H, W) to its reconstruction in the same layout; `clips` are
+    uint8 (N, F, H, W, 3). Scores: reconstruction PSNR (dB, pixels in [0, 1]) and, with `captions` (shapes
+    clips), the oracle's accuracy on the reconstructions beside its accuracy on the originals (the ceiling),
+    so the table shows what the autoencoder destroys. The video tokenizer and the video VAE share it.
+    """
+    from ..flow_matching import frames_to_model_input
+
+    reconstructions = []
+    for start in range(0, clips.shape[0], batch_size):
+        pixels = reconstruct(frames_to_model_input(clips[start : start + batch_size])).float().clamp(-1, 1).add(1).div(2)
+        reconstructions.append(pixels.permute(0, 2, 3, 4, 1).cpu().numpy())
+    reconstructed = np.concatenate(reconstructions)
+    originals = clips.float().numpy() / 255.0
+    mse = float(np.mean((reconstructed - originals) ** 2))
+    scores: dict[str, Any] = {"psnr_db": 10 * float(np.log10(1.0 / max(mse, 1e-12))), "num_clips": int(clips.shape[0])}
+    lines = [f"Reconstruction PSNR {scores['psnr_db']:.2f} dB on {scores['num_clips']} clips."]
+    if captions is not None:
+        height, width = clips.shape[2:4]
+        oracle = ShapesOracle(height=height, width=width)
+        rows = {"original clips": oracle.score(originals, list(captions)), "reconstructed": oracle.score(reconstructed, list(captions))}
+        scores.update(oracle_original=rows["original clips"], oracle_reconstructed=rows["reconstructed"])
+        lines += ["", format_oracle_table(rows)]
+    return scores, lines, reconstructed
+
+
 def evaluate_video_tokenizer(
     video_tokenizer, clips: torch.Tensor, captions: Sequence[str], batch_size: int = 16
 ) -> tuple[dict[str, float], str, np.ndarray]:
     """How much of a clip a video tokenizer keeps: (scores, markdown table, reconstructions).
 
-    `clips` are uint8 (N, F, H, W, 3). Scores: reconstruction PSNR (dB, pixels in [0, 1]), the share of
-    the codebook used by these clips, and the oracle's accuracy on the reconstructions beside its
-    accuracy on the originals (the ceiling), so the table shows what tokenising destroys.
+    `clips` are uint8 (N, F, H, W, 3). Scores: those of `evaluate_reconstructions` (PSNR, oracle on the
+    reconstructions and on the originals) plus the share of the codebook used by these clips.
     """
-    from ..flow_matching import frames_to_model_input
+    used = torch.zeros(video_tokenizer.codebook_size, dtype=torch.bool)
 
-    reconstructions, used = [], torch.zeros(video_tokenizer.codebook_size, dtype=torch.bool)
-    for start in range(0, clips.shape[0], batch_size):
-        codes = video_tokenizer.encode(frames_to_model_input(clips[start : start + batch_size]).to(video_tokenizer.device))
+    def reconstruct(video: torch.Tensor) -> torch.Tensor:
+        codes = video_tokenizer.encode(video.to(video_tokenizer.device))
         used[codes.flatten().cpu()] = True
-        pixels = video_tokenizer.decode(codes).float().clamp(-1, 1).add(1).div(2)  # (B, C, F, H, W) in [0, 1]
-        reconstructions.append(pixels.permute(0, 2, 3, 4, 1).cpu().numpy())
-    reconstructed = np.concatenate(reconstructions)
-    originals = clips.float().numpy() / 255.0
-    mse = float(np.mean((reconstructed - originals) ** 2))
-    height, width = clips.shape[2:4]
-    oracle = ShapesOracle(height=height, width=width)
-    rows = {"original clips": oracle.score(originals, list(captions)), "reconstructed": oracle.score(reconstructed, list(captions))}
+        return video_tokenizer.decode(codes)
+
+    scores, lines, reconstructed = evaluate_reconstructions(reconstruct, clips, captions, batch_size)
     scores = {
-        "psnr_db": 10 * float(np.log10(1.0 / max(mse, 1e-12))),
+        "psnr_db": scores["psnr_db"],
         "codebook_usage": float(used.float().mean()),
         "codes_used": int(used.sum()),
         "codebook_size": int(video_tokenizer.codebook_size),
-        "num_clips": int(clips.shape[0]),
-        "oracle_original": rows["original clips"],
-        "oracle_reconstructed": rows["reconstructed"],
+        "num_clips": scores["num_clips"],
+        "oracle_original": scores["oracle_original"],
+        "oracle_reconstructed": scores["oracle_reconstructed"],
     }
     table = (
         f"Reconstruction PSNR {scores['psnr_db']:.2f} dB; codebook usage {scores['codebook_usage']:.1%} "
-        f"({scores['codes_used']} of {scores['codebook_size']} codes) on {scores['num_clips']} clips.\n\n" + format_oracle_table(rows)
+        f"({scores['codes_used']} of {scores['codebook_size']} codes) on {scores['num_clips']} clips.\n" + "\n".join(lines[1:])
     )
     return scores, table, reconstructed
 

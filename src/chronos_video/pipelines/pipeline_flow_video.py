@@ -76,6 +76,22 @@ class VideoPipelineOutput(BaseOutput):
     constraints_satisfied: list[bool] | None = None
 
 
+def vae_compression(vae: ModelMixin | None) -> tuple[int, int]:
+    """(temporal, spatial) compression of a diffusers video autoencoder; (1, 1) for None (pixel space).
+    Latent training sizes its backbone with the same rule the pipeline samples with."""
+    if vae is None:
+        return 1, 1
+    config = vae.config
+    if "temperal_downsample" in config:  # Wan-style autoencoders
+        return 2 ** sum(config.temperal_downsample), 2 ** len(config.temperal_downsample)
+    # LTX-style autoencoders compute their ratios in __init__ and may store None in the config.
+    temporal = getattr(vae, "temporal_compression_ratio", None) or config.get("temporal_compression_ratio") or 1
+    spatial = getattr(vae, "spatial_compression_ratio", None) or config.get("spatial_compression_ratio")
+    if spatial is None:
+        spatial = 2 ** (len(config.get("block_out_channels", [0])) - 1)
+    return int(temporal), int(spatial)
+
+
 class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
     """Shared base: prompt encoding, input checks, the rectified-flow sampling loop and decoding.
 
@@ -166,18 +182,7 @@ class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
 
     def _vae_compression(self) -> tuple[int, int]:
         """(temporal, spatial) compression of the autoencoder; (1, 1) in pixel space."""
-        vae = getattr(self, "vae", None)
-        if vae is None:
-            return 1, 1
-        config = vae.config
-        if "temperal_downsample" in config:  # Wan-style autoencoders
-            return 2 ** sum(config.temperal_downsample), 2 ** len(config.temperal_downsample)
-        # LTX-style autoencoders compute their ratios in __init__ and may store None in the config.
-        temporal = getattr(vae, "temporal_compression_ratio", None) or config.get("temporal_compression_ratio") or 1
-        spatial = getattr(vae, "spatial_compression_ratio", None) or config.get("spatial_compression_ratio")
-        if spatial is None:
-            spatial = 2 ** (len(config.get("block_out_channels", [0])) - 1)
-        return int(temporal), int(spatial)
+        return vae_compression(getattr(self, "vae", None))
 
     @property
     def _latent_channels(self) -> int:
