@@ -48,7 +48,7 @@ from .training_utils import (
     training_states,
 )
 
-__all__ = ["AR_ARCHITECTURES", "encode_clips", "reconstruction_error", "train_autoregressive", "train_stage"]
+__all__ = ["AR_ARCHITECTURES", "TrainingStage", "encode_clips", "reconstruction_error", "train_autoregressive", "train_stage"]
 
 AR_ARCHITECTURES = ("fsq-tokenizer", "ar-video")
 logger = logging.getLogger("chronos_video.train")
@@ -109,7 +109,7 @@ def encode_clips(video_tokenizer: FSQVideoTokenizer, frames: torch.Tensor, cache
     return codes.long()
 
 
-class _Stage:
+class TrainingStage:
     """One trainable stage: its loss module, how a batch of clip indices becomes the module's input,
     what a validation measures, and what the finished run saves."""
 
@@ -126,7 +126,7 @@ class _Stage:
         raise NotImplementedError
 
 
-class _TokenizerStage(_Stage):
+class _TokenizerStage(TrainingStage):
     def __init__(self, config: TrainConfig, frames: torch.Tensor):
         self.frames = frames
         self.tokenizer = FSQVideoTokenizer(**config.model)
@@ -168,7 +168,7 @@ video tokenizer of the autoregressive `ARVideoPipeline`.
         write_model_card(output_dir, config, description, usage, train_seconds, hardware, resumed_from_step)
 
 
-class _LanguageModelStage(_Stage):
+class _LanguageModelStage(TrainingStage):
     def __init__(self, config: TrainConfig, frames: torch.Tensor, captions: list[str]):
         self.captions = captions
         if config.pretrained_pipeline:
@@ -252,7 +252,7 @@ procedural *shapes* clips ({config.data.get('num_clips')} clips, held-out attrib
         write_model_card(output_dir, config, description, usage, train_seconds, hardware, resumed_from_step)
 
 
-def _autoregressive_stage(config: TrainConfig, frames: torch.Tensor, captions: list[str]) -> _Stage:
+def _autoregressive_stage(config: TrainConfig, frames: torch.Tensor, captions: list[str]) -> TrainingStage:
     return _TokenizerStage(config, frames) if config.architecture == "fsq-tokenizer" else _LanguageModelStage(config, frames, captions)
 
 
@@ -261,7 +261,7 @@ def train_autoregressive(config: TrainConfig, accelerator: Accelerator) -> Path:
     return train_stage(config, accelerator, _autoregressive_stage)
 
 
-def train_stage(config: TrainConfig, accelerator: Accelerator, build_stage: Callable[[TrainConfig, torch.Tensor, list[str]], _Stage]) -> Path:
+def train_stage(config: TrainConfig, accelerator: Accelerator, build_stage: Callable[[TrainConfig, torch.Tensor, list[str]], TrainingStage]) -> Path:
     """The training loop of a stage whose module returns its own loss (`build_stage(config, clips, captions)`):
     checkpoints, resume, EMA, LR schedule, validation and the final save are those of every training run."""
     output_dir = Path(config.output_dir)

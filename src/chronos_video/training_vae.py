@@ -32,7 +32,7 @@ from .evaluation.pipeline_eval import evaluate_reconstructions
 from .flow_matching import frames_to_model_input
 from .model_card import save_sample_gif, write_model_card
 from .pipelines.pipeline_flow_video import vae_compression
-from .training_ar import _Stage, reconstruction_error, train_stage
+from .training_ar import TrainingStage, reconstruction_error, train_stage
 from .training_config import TrainConfig
 from .training_utils import encoding_cache_path, save_file_atomic
 
@@ -212,7 +212,7 @@ def _heldout_clips(config: TrainConfig, num_clips: int) -> tuple[torch.Tensor, l
     return clips[:num_clips], None, "training clips (this data type has no held-out split)"
 
 
-class _VideoVAEStage(_Stage):
+class _VideoVAEStage(TrainingStage):
     def __init__(self, config: TrainConfig, frames: torch.Tensor, captions: list[str]):
         self.frames = frames
         self.vae = build_video_vae(config.model)
