@@ -168,3 +168,19 @@ class LatentDecoder:
         if self.vae is None:
             return "LatentDecoder(vae=None)"
         return f"LatentDecoder({type(self.vae).__name__}, scaling_factor={self.scaling_factor})"
+
+
+def vae_compression(vae: torch.nn.Module | None) -> tuple[int, int]:
+    """(temporal, spatial) compression of a diffusers video autoencoder; (1, 1) for None (pixel space).
+    Latent training sizes its backbone with the same rule the pipeline samples with."""
+    if vae is None:
+        return 1, 1
+    config = vae.config
+    if "temperal_downsample" in config:  # Wan-style autoencoders
+        return 2 ** sum(config.temperal_downsample), 2 ** len(config.temperal_downsample)
+    # LTX-style autoencoders compute their ratios in __init__ and may store None in the config.
+    temporal = getattr(vae, "temporal_compression_ratio", None) or config.get("temporal_compression_ratio") or 1
+    spatial = getattr(vae, "spatial_compression_ratio", None) or config.get("spatial_compression_ratio")
+    if spatial is None:
+        spatial = 2 ** (len(config.get("block_out_channels", [0])) - 1)
+    return int(temporal), int(spatial)

@@ -27,11 +27,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file
 
 from .data import is_shapes_data, load_shapes_frames, load_training_clips
-from .decoding import LatentDecoder
+from .decoding import LatentDecoder, vae_compression
 from .evaluation.pipeline_eval import evaluate_reconstructions
 from .flow_matching import frames_to_model_input
 from .model_card import save_sample_gif, write_model_card
-from .pipelines.pipeline_flow_video import vae_compression
 from .training_ar import TrainingStage, reconstruction_error, train_stage
 from .training_config import TrainConfig
 from .training_utils import encoding_cache_path, save_file_atomic

@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..decoding import LatentDecoder
+from ..decoding import LatentDecoder, vae_compression
 from ..flow_matching import classifier_free_guidance
 from ..guidance import ConstraintTransport, RegionConstraint
 from ..precision import PrecisionController, PrecisionSchedule, resolve_precision
@@ -74,22 +74,6 @@ class VideoPipelineOutput(BaseOutput):
     frames: np.ndarray | torch.Tensor | list
     trace: list[dict[str, Any]] | None = None
     constraints_satisfied: list[bool] | None = None
-
-
-def vae_compression(vae: ModelMixin | None) -> tuple[int, int]:
-    """(temporal, spatial) compression of a diffusers video autoencoder; (1, 1) for None (pixel space).
-    Latent training sizes its backbone with the same rule the pipeline samples with."""
-    if vae is None:
-        return 1, 1
-    config = vae.config
-    if "temperal_downsample" in config:  # Wan-style autoencoders
-        return 2 ** sum(config.temperal_downsample), 2 ** len(config.temperal_downsample)
-    # LTX-style autoencoders compute their ratios in __init__ and may store None in the config.
-    temporal = getattr(vae, "temporal_compression_ratio", None) or config.get("temporal_compression_ratio") or 1
-    spatial = getattr(vae, "spatial_compression_ratio", None) or config.get("spatial_compression_ratio")
-    if spatial is None:
-        spatial = 2 ** (len(config.get("block_out_channels", [0])) - 1)
-    return int(temporal), int(spatial)
 
 
 class FlowVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
