@@ -163,3 +163,12 @@ def test_hrm_ablations_budget_and_errors(tmp_path):
                           (["--steps", "1", "--config", str(REPO / "training" / "configs" / "smoke.yaml")], "must train architecture 'hrm'")):
         result = subprocess.run([*script, *args, "--output_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-1000:]
+
+
+def test_hrm_gradient_probe_reports_every_module_of_both_models():
+    command = [sys.executable, str(REPO / "benchmarks" / "hrm_gradient_probe.py"), "--steps", "2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if "gradient norms" in line]
+    assert [line.split(":")[0] for line in lines] == ["nano-sora step 0", "nano-sora step 1", "hrm step 0", "hrm step 1"]
+    assert "halt_head" in lines[-1] and "text_embed" in lines[-1] and "blocks" in lines[0]
