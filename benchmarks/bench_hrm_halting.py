@@ -10,9 +10,9 @@ and `warm_start` (each evaluation starts from the previous one's carry (z_H, z_L
 script samples the same held-out prompts with the same seeds (`evaluate_pipeline`) in four settings:
 
 * **max segments**: `halting=False, warm_start=False`, every evaluation runs `max_segments` segments;
-* **halting**: `halting=True, warm_start=False`;
+* **halting**: `halting=True, warm_start=False` (the pipeline's default);
 * **warm start**: `halting=False, warm_start=True`;
-* **halting + warm start**: both (the pipeline's default).
+* **halting + warm start**: both.
 
 Columns: mean segments per sampling step and video (from the per-step `trace`; conditional rows, and under
 classifier-free guidance the unconditional rows separately), segments saved against the maximum, generation

@@ -295,15 +295,15 @@ def test_warm_start_threads_the_carry_between_sampling_steps(tiny_tokenizer):
     pipe = make_tiny_hrm_pipeline(tiny_tokenizer)
     carries = []
     pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: carries.append(kwargs.get("carry")), with_kwargs=True)
-    warm = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).frames
+    warm = pipe(PROMPT, num_inference_steps=3, warm_start=True, generator=torch.Generator().manual_seed(0)).frames
     assert carries[0] is None and all(isinstance(c, HRMCarry) and c.high.shape[0] == 2 for c in carries[1:])
     carries.clear()
-    cold = pipe(PROMPT, num_inference_steps=3, warm_start=False, generator=torch.Generator().manual_seed(0)).frames
+    cold = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).frames  # cold by default
     assert carries == [None] * 3
     assert not np.array_equal(warm, cold)
     # a later call starts cold again
     carries.clear()
-    again = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).frames
+    again = pipe(PROMPT, num_inference_steps=3, warm_start=True, generator=torch.Generator().manual_seed(0)).frames
     assert carries[0] is None
     np.testing.assert_array_equal(again, warm)
 

@@ -24,7 +24,8 @@ class HRMVideoPipeline(FlowVideoPipeline):
     Extra call arguments (everything else is [`FlowVideoPipeline.__call__`]'s):
         halting: stop each sample's recursion when its halting head says so (default True);
             False runs `max_segments` segments at every step.
-        warm_start: start each evaluation from the previous one's carry (default True).
+        warm_start: start each evaluation from the previous one's carry (default False: the shipped
+            model, trained from zero carries, lost 25 points of "all five" with it; `bench_hrm_halting.py`).
         max_segments: most segments per evaluation (default: the backbone config's).
 
     Every `trace` entry gains `segments` (one count per video of the conditional batch) and, under
@@ -43,7 +44,7 @@ class HRMVideoPipeline(FlowVideoPipeline):
 
     transformer: HRMVideoModel
 
-    def __call__(self, *args, halting: bool = True, warm_start: bool = True, max_segments: int | None = None, **kwargs):
+    def __call__(self, *args, halting: bool = True, warm_start: bool = False, max_segments: int | None = None, **kwargs):
         for name, value in (("halting", halting), ("warm_start", warm_start)):
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` must be True or False, got {value!r}.")
