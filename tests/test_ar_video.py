@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessorList
 
 from chronos_video import ARVideoConfig, ARVideoForCausalLM, ARVideoPipeline, FSQVideoTokenizer
 from chronos_video.evaluation.pipeline_eval import evaluate_video_tokenizer
-from chronos_video.models.ar_video import VideoRotaryEmbedding, VisualTokensLogitsProcessor
+from chronos_video.models.ar_video import PlausibleGuidanceLogitsProcessor, VideoRotaryEmbedding, VisualTokensLogitsProcessor
 from conftest import load_train_script
 
 
@@ -76,6 +76,23 @@ def test_fsq_tokenizer_rejects_bad_input():
         FSQVideoTokenizer(levels=(1, 5))
     with pytest.raises(ValueError, match="`norm_num_groups`"):
         FSQVideoTokenizer(block_out_channels=(6, 16), norm_num_groups=4)
+
+
+def test_foreground_dilation_weighs_pixels_next_to_the_object():
+    from chronos_video.training_ar import reconstruction_error
+
+    video = -torch.ones(1, 3, 1, 8, 8)
+    video[..., 3:5, 3:5] = 1.0  # a 2x2 object
+    beside, far = video.clone(), video.clone()
+    beside[..., 2, 3] = 1.0  # a corner painted in next to the object
+    far[..., 0, 0] = 1.0  # the same error far from it
+    # one wrong pixel (error 2 in each channel); object weight 1 + 4, 64 pixels
+    plain = reconstruction_error(beside, video, foreground_weight=4.0)
+    assert plain == reconstruction_error(far, video, foreground_weight=4.0) == pytest.approx(3 * 4 / (3 * (4 * 5 + 60)))
+    dilated = reconstruction_error(beside, video, foreground_weight=4.0, foreground_dilation=1)  # object region now 4x4
+    assert dilated == pytest.approx(3 * 4 * 5 / (3 * (16 * 5 + 48)))
+    assert reconstruction_error(far, video, foreground_weight=4.0, foreground_dilation=1) == pytest.approx(3 * 4 / (3 * (16 * 5 + 48)))
+    assert reconstruction_error(beside, video, foreground_weight=4.0, loss="l1") == pytest.approx(3 * 2 / (3 * (4 * 5 + 60)))
 
 
 def test_evaluate_video_tokenizer_reports_usage_psnr_and_oracle():
@@ -153,6 +170,33 @@ def test_generate_samples_only_visual_codes(name, guidance):
     assert int(out[:, 17:].min()) >= 21 and int(out[:, 17:].max()) < 51
 
 
+def test_plausible_guidance_is_transformers_guidance_on_the_plausible_codes():
+    from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+    model = tiny_lm(20, 30)
+    prefix = torch.cat([torch.randint(0, 20, (2, 16)), torch.full((2, 1), 20)], dim=1)
+    negative = torch.cat([torch.zeros(2, 16, dtype=torch.long), torch.full((2, 1), 20)], 1)
+    scores = model(prefix).logits[:, -1]
+    reference = UnbatchedClassifierFreeGuidanceLogitsProcessor(3.0, model, negative, torch.ones_like(negative))(prefix, scores)
+    guided = PlausibleGuidanceLogitsProcessor(3.0, model, negative, torch.ones_like(negative), plausibility=0.5)(prefix, scores)
+    probabilities = scores.softmax(-1)
+    plausible = probabilities >= 0.5 * probabilities.amax(-1, keepdim=True)
+    assert torch.equal(torch.isfinite(guided), plausible)  # the most likely code always stays
+    torch.testing.assert_close(guided[plausible], reference[plausible])
+    # with a negligible threshold, generate() samples exactly what transformers' own guidance samples
+    common = dict(input_ids=prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=20, pad_token_id=20, do_sample=False)
+    own = model.generate(**common, guidance_scale=3.0, negative_prompt_ids=negative, logits_processor=LogitsProcessorList([VisualTokensLogitsProcessor(21)]))
+    processor = PlausibleGuidanceLogitsProcessor(3.0, model, negative, torch.ones_like(negative), plausibility=1e-30)
+    ours = model.generate(**common, logits_processor=LogitsProcessorList([processor, VisualTokensLogitsProcessor(21)]))
+    assert torch.equal(own, ours)
+
+
+def test_pipeline_with_plausible_guidance(pipe):
+    video = pipe("a small red circle", guidance_scale=3.0, guidance_plausibility=0.1, num_frames=2, output_type="codes",
+                 generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 2, 4, 4) and int(video.min()) >= 0
+
+
 @pytest.mark.parametrize("guidance", [None, 3.0])
 def test_greedy_decoding_with_cache_equals_without(guidance):
     """The sliding-window KV cache changes the cost, not the result (48 new tokens > the 32-token window)."""
@@ -218,6 +262,7 @@ def test_pipeline_save_and_load(pipe, tmp_path):
         ({"top_k": 0}, "`top_k`"),
         ({"top_p": 1.5}, "`top_p`"),
         ({"typical_p": 0}, "`typical_p`"),
+        ({"guidance_scale": 3.0, "guidance_plausibility": 1.5}, "`guidance_plausibility`"),
     ],
 )
 def test_pipeline_rejects_bad_arguments(pipe, kwargs, name):

@@ -54,33 +54,42 @@ AR_ARCHITECTURES = ("fsq-tokenizer", "ar-video")
 logger = logging.getLogger("chronos_video.train")
 
 
-def reconstruction_error(reconstruction: torch.Tensor, video: torch.Tensor, foreground_weight: float = 0.0, loss: str = "l2") -> torch.Tensor:
+def reconstruction_error(
+    reconstruction: torch.Tensor, video: torch.Tensor, foreground_weight: float = 0.0, loss: str = "l2", foreground_dilation: int = 0
+) -> torch.Tensor:
     """Mean squared (`l2`) or absolute (`l1`) error of a reconstruction of `video` (B, C, F, H, W) in [-1, 1].
 
     With `foreground_weight` w, pixels brighter than the oracle's threshold (0.3 of full scale, any channel)
     count 1 + w times: on mostly black clips the plain mean is dominated by the background, and the colour
-    and outline of the object are what a text-to-video model must keep.
+    and outline of the object are what a text-to-video model must keep. `foreground_dilation` d widens
+    that region by d pixels in each frame, so background pixels next to the object weigh as much: painting
+    a small circle's corners in (a square, to the oracle) then costs what erasing its edge does.
     """
     difference = reconstruction.float() - video.float()
     error = difference.square() if loss == "l2" else difference.abs()
     if not foreground_weight:
         return error.mean()
     foreground = (video.amax(dim=1, keepdim=True) > -0.4).float()  # [-1, 1] scale: brightness 0.3
+    if foreground_dilation:
+        size = 2 * foreground_dilation + 1
+        foreground = torch.nn.functional.max_pool3d(foreground, (1, size, size), stride=1, padding=(0, foreground_dilation, foreground_dilation))
     weight = 1.0 + foreground_weight * foreground
     return (error * weight).sum() / (weight.sum() * video.shape[1])
 
 
 class ReconstructionObjective(torch.nn.Module):
-    """The tokenizer's training forward: `reconstruction_error` (squared) of the straight-through FSQ reconstruction."""
+    """The tokenizer's training forward: `reconstruction_error` of the straight-through FSQ reconstruction."""
 
-    def __init__(self, tokenizer: FSQVideoTokenizer, foreground_weight: float = 0.0):
+    def __init__(self, tokenizer: FSQVideoTokenizer, foreground_weight: float = 0.0, loss: str = "l2", foreground_dilation: int = 0):
         super().__init__()
         self.tokenizer = tokenizer
         self.foreground_weight = float(foreground_weight)
+        self.loss = loss
+        self.foreground_dilation = int(foreground_dilation)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         reconstruction, _ = self.tokenizer(video)
-        return reconstruction_error(reconstruction, video, self.foreground_weight)
+        return reconstruction_error(reconstruction, video, self.foreground_weight, self.loss, self.foreground_dilation)
 
 
 class NextCodeObjective(torch.nn.Module):
@@ -130,7 +139,7 @@ class _TokenizerStage(TrainingStage):
     def __init__(self, config: TrainConfig, frames: torch.Tensor):
         self.frames = frames
         self.tokenizer = FSQVideoTokenizer(**config.model)
-        self.module = ReconstructionObjective(self.tokenizer, config.foreground_weight)
+        self.module = ReconstructionObjective(self.tokenizer, config.foreground_weight, config.reconstruction_loss, config.foreground_dilation)
 
     def batch(self, indices, rng):
         return frames_to_model_input(self.frames[indices])

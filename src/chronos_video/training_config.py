@@ -61,7 +61,9 @@ class TrainConfig:
     video_tokenizer: str | None = None  # ar-video: folder of the trained FSQVideoTokenizer
     generation: dict[str, Any] = field(default_factory=dict)  # ar-video: sampling options for evaluation (top_k, ...)
     foreground_weight: float = 0.0  # fsq-tokenizer, video-vae: extra loss weight on object pixels (the background dominates plain MSE)
-    # video-vae: reconstruction loss ("l1" or "l2") plus kl_weight x the KL divergence per latent element
+    foreground_dilation: int = 0  # fsq-tokenizer, video-vae: that weight also covers pixels this close to the object
+    # fsq-tokenizer, video-vae: reconstruction loss ("l1" or "l2"); video-vae adds kl_weight x the KL divergence
+    # per latent element
     reconstruction_loss: str = "l1"
     kl_weight: float = 1.0e-4
     # Latent training: folder of a trained diffusers video autoencoder (a `video-vae` run's output_dir). The clips
@@ -168,6 +170,8 @@ class TrainConfig:
                 raise ValueError("`text_encoder_pretrain_steps` pretrains a new encoder; it cannot be combined with `text_encoder.pretrained`.")
         if self.foreground_weight < 0:
             raise ValueError(f"`foreground_weight` must be >= 0, got {self.foreground_weight}.")
+        if self.foreground_dilation < 0:
+            raise ValueError(f"`foreground_dilation` must be >= 0, got {self.foreground_dilation}.")
         if self.reconstruction_loss not in ("l1", "l2"):
             raise ValueError(f"`reconstruction_loss` must be 'l1' or 'l2', got {self.reconstruction_loss!r}.")
         if self.kl_weight < 0:

@@ -179,18 +179,21 @@ class VideoVAEObjective(torch.nn.Module):
     foreground weight) of the decoded posterior sample, plus `kl_weight` x the KL divergence to N(0, I) per latent
     element. The sample's noise is an input, drawn from the step's generator, so a resumed run is exact."""
 
-    def __init__(self, vae: ModelMixin, reconstruction_loss: str = "l1", kl_weight: float = 1e-4, foreground_weight: float = 0.0):
+    def __init__(
+        self, vae: ModelMixin, reconstruction_loss: str = "l1", kl_weight: float = 1e-4, foreground_weight: float = 0.0, foreground_dilation: int = 0
+    ):
         super().__init__()
         self.vae = vae
         self.reconstruction_loss = reconstruction_loss
         self.kl_weight = float(kl_weight)
         self.foreground_weight = float(foreground_weight)
+        self.foreground_dilation = int(foreground_dilation)
 
     def forward(self, video: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         posterior = self.vae.encode(video).latent_dist
         latents = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
         reconstruction = self.vae.decode(latents).sample
-        loss = reconstruction_error(reconstruction, video, self.foreground_weight, self.reconstruction_loss)
+        loss = reconstruction_error(reconstruction, video, self.foreground_weight, self.reconstruction_loss, self.foreground_dilation)
         if self.kl_weight:
             kl = 0.5 * (posterior.mean.float().square() + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
             loss = loss + self.kl_weight * kl
@@ -216,7 +219,7 @@ class _VideoVAEStage(TrainingStage):
         self.frames = frames
         self.vae = build_video_vae(config.model)
         self.latent_shape = check_latent_geometry(self.vae, tuple(frames.shape[1:4]), key="model")
-        self.module = VideoVAEObjective(self.vae, config.reconstruction_loss, config.kl_weight, config.foreground_weight)
+        self.module = VideoVAEObjective(self.vae, config.reconstruction_loss, config.kl_weight, config.foreground_weight, config.foreground_dilation)
         self._validation_clips: torch.Tensor | None = None
 
     def batch(self, indices, rng):

@@ -17,7 +17,7 @@ from diffusers.video_processor import VideoProcessor
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
-from ..models.ar_video import ARVideoForCausalLM, VisualTokensLogitsProcessor
+from ..models.ar_video import ARVideoForCausalLM, PlausibleGuidanceLogitsProcessor, VisualTokensLogitsProcessor
 from ..models.fsq_tokenizer import FSQVideoTokenizer
 from .pipeline_flow_video import VideoPipelineOutput
 
@@ -97,7 +97,7 @@ class ARVideoPipeline(DiffusionPipeline):
         return torch.cat([ids, begin], dim=1).to(self.language_model.device)
 
     def check_inputs(self, prompt, negative_prompt, num_frames, height, width, num_videos_per_prompt, guidance_scale,
-                     output_type, temperature, top_k, top_p, typical_p) -> list[str]:
+                     output_type, temperature, top_k, top_p, typical_p, guidance_plausibility=None) -> list[str]:
         """Validates every argument, naming it in the error; returns the prompts as a list."""
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
             raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
@@ -116,6 +116,8 @@ class ARVideoPipeline(DiffusionPipeline):
                 raise ValueError(f"`{name}` must be {size} for this model (its code grid decodes to {expected[0]}x{expected[1]}), got {value!r}.")
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 1:
             raise ValueError(f"`guidance_scale` must be a number >= 1 (1 turns guidance off), got {guidance_scale!r}.")
+        if guidance_plausibility is not None and not (isinstance(guidance_plausibility, (int, float)) and 0 < guidance_plausibility < 1):
+            raise ValueError(f"`guidance_plausibility` must be in (0, 1) or None, got {guidance_plausibility!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
         if not isinstance(temperature, (int, float)) or temperature <= 0:
@@ -147,6 +149,7 @@ class ARVideoPipeline(DiffusionPipeline):
         width: int | None = None,
         num_videos_per_prompt: int = 1,
         guidance_scale: float = 1.0,
+        guidance_plausibility: float | None = None,
         do_sample: bool = True,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -166,6 +169,9 @@ class ARVideoPipeline(DiffusionPipeline):
             num_frames: frames per video (default: the pipeline config's); may exceed the training length.
             height, width: optional; must equal the size the LM's code grid decodes to.
             guidance_scale: classifier-free guidance on log-probabilities (transformers' `guidance_scale`); 1 = off.
+            guidance_plausibility: with guidance, first drop the codes whose conditional probability is below
+                this fraction of the most likely code's (`PlausibleGuidanceLogitsProcessor`); None: transformers'
+                guidance unchanged.
             do_sample, temperature, top_k, top_p, typical_p: `GenerationConfig` sampling options
                 (`do_sample=False` is greedy decoding).
             use_cache: decode with the KV cache (default) or recompute the whole sequence per token.
@@ -176,21 +182,27 @@ class ARVideoPipeline(DiffusionPipeline):
         """
         num_frames = self.config.num_frames if num_frames is None else num_frames
         prompts = self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_videos_per_prompt, guidance_scale,
-                                    output_type, temperature, top_k, top_p, typical_p)
+                                    output_type, temperature, top_k, top_p, typical_p, guidance_plausibility)
         config = self.language_model.config
         prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
         input_ids = self.prompt_ids(prompts)
         kwargs: dict[str, Any] = {}
+        processors = LogitsProcessorList([VisualTokensLogitsProcessor(config.visual_token_offset)])
         if guidance_scale > 1:
             negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * (len(prompts) // num_videos_per_prompt)
             negatives = [n for n in negatives for _ in range(num_videos_per_prompt)]
-            kwargs["negative_prompt_ids"] = self.prompt_ids(negatives)
-            kwargs["negative_prompt_attention_mask"] = torch.ones_like(kwargs["negative_prompt_ids"])
+            negative_ids = self.prompt_ids(negatives)
+            if guidance_plausibility is None:  # transformers' own guidance, driven by the generation config
+                kwargs.update(negative_prompt_ids=negative_ids, negative_prompt_attention_mask=torch.ones_like(negative_ids))
+            else:
+                processors.insert(0, PlausibleGuidanceLogitsProcessor(
+                    guidance_scale, self.language_model, negative_ids, torch.ones_like(negative_ids), use_cache, guidance_plausibility
+                ))
         new_tokens = num_frames * config.tokens_per_frame
         generation_config = GenerationConfig(
             max_new_tokens=new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
             top_k=top_k if do_sample else None, top_p=top_p if do_sample else None, typical_p=typical_p if do_sample else None,
-            guidance_scale=guidance_scale if guidance_scale > 1 else None, use_cache=use_cache,
+            guidance_scale=guidance_scale if guidance_scale > 1 and guidance_plausibility is None else None, use_cache=use_cache,
             pad_token_id=config.begin_of_video_token_id, eos_token_id=None,
         )
         progress = self.progress_bar(total=num_frames)
@@ -207,7 +219,7 @@ class ARVideoPipeline(DiffusionPipeline):
                 torch.manual_seed(seed)
             sequences = self.language_model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config,
-                logits_processor=LogitsProcessorList([VisualTokensLogitsProcessor(config.visual_token_offset)]),
+                logits_processor=processors,
                 streamer=_FrameStreamer(config.tokens_per_frame, on_frame), **kwargs,
             )
         progress.close()
