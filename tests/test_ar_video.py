@@ -309,3 +309,4 @@ def test_train_tokenizer_then_lm_then_generate_longer(tmp_path):
         torch.testing.assert_close(second[name], value, msg=name)
 
     assert cli_main(["evaluate", "--pipeline", str(lm_dir), "--num-prompts", "2", "--guidance-scale", "2", "--top-k", "5"]) == 0
+    assert cli_main(["evaluate", "--pipeline", str(lm_dir), "--num-prompts", "2", "--guidance-scale", "2", "--guidance-plausibility", "0.1"]) == 0

@@ -65,13 +65,15 @@ def load_pipeline(path: str, dtype: str = "float32"):
 
 
 def sampling_kwargs(pipe, args: argparse.Namespace) -> dict:
-    """`--steps` for flow pipelines; `--top-k/--top-p/--typical-p/--temperature` for the autoregressive one."""
+    """`--steps` for flow pipelines; `--top-k/--top-p/--typical-p/--temperature/--guidance-plausibility` for the
+    autoregressive one."""
     import inspect
 
     parameters = inspect.signature(pipe.__call__).parameters
     if "num_inference_steps" in parameters:
         return {"num_inference_steps": args.steps}
-    options = {"top_k": args.top_k, "top_p": args.top_p, "typical_p": args.typical_p, "temperature": args.temperature}
+    options = {"top_k": args.top_k, "top_p": args.top_p, "typical_p": args.typical_p, "temperature": args.temperature,
+               "guidance_plausibility": args.guidance_plausibility}
     return {name: value for name, value in options.items() if value is not None and name in parameters}
 
 
@@ -80,6 +82,8 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help="autoregressive pipelines: nucleus sampling")
     parser.add_argument("--typical-p", type=float, default=None, help="autoregressive pipelines: typical sampling")
     parser.add_argument("--temperature", type=float, default=None, help="autoregressive pipelines: sampling temperature")
+    parser.add_argument("--guidance-plausibility", type=float, default=None,
+                        help="autoregressive pipelines: guide only codes at least this fraction as likely as the best one")
 
 
 def _generate(args: argparse.Namespace) -> None:
