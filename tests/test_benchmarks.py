@@ -172,3 +172,17 @@ def test_hrm_gradient_probe_reports_every_module_of_both_models():
     lines = [line for line in result.stdout.splitlines() if "gradient norms" in line]
     assert [line.split(":")[0] for line in lines] == ["nano-sora step 0", "nano-sora step 1", "hrm step 0", "hrm step 1"]
     assert "halt_head" in lines[-1] and "text_embed" in lines[-1] and "blocks" in lines[0]
+
+
+def test_sampling_time_benchmark_times_every_pipeline_interleaved():
+    """`bench_sampling_time.py` on the shipped latent pipeline (its VAE decode included); a missing folder is named."""
+    script = str(REPO / "benchmarks" / "bench_sampling_time.py")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, script, "pipelines/nano-sora-latent-shapes", "--steps", "2", "--repeats", "2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| pipelines/nano-sora-latent-shapes |"))
+    median, fastest = (float(cell) for cell in row.strip("|").split("|")[1:3])
+    assert 0 < fastest <= median
+    missing = subprocess.run([sys.executable, script, "no/such/folder"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert missing.returncode != 0 and "no/such/folder" in missing.stderr
