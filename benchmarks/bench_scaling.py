@@ -106,9 +106,13 @@ def worker(spec: dict) -> None:
                 with torch.no_grad():
                     model(video, timestep, text)
         else:
+            autocast = spec.get("autocast") == "bf16"  # the training recipes' precision on CPU
+
             def step():
                 model.zero_grad(set_to_none=True)
-                model(video, timestep, text).sample.square().mean().backward()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    sample = model(video, timestep, text).sample
+                sample.float().square().mean().backward()
 
         if baseline is None:
             baseline = rss_mb()

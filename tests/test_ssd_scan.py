@@ -1,5 +1,6 @@
 """SSD (chunked, matmul) scans against the float64 sequential recurrences: values, gradients, long sequences, bf16."""
 
+import importlib
 import math
 
 import pytest
@@ -208,6 +209,40 @@ def test_padding_steps_are_transparent_and_chunk_size_does_not_matter():
     for out, state in outs[1:]:
         torch.testing.assert_close(out, outs[0][0], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(state, outs[0][1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("complex_bc", [True, False])
+def test_segmented_scan_matches_the_recurrence_in_values_and_gradients(monkeypatch, complex_bc):
+    """Long inputs run in cache-sized segments with the state carried across: a tiny budget forces several."""
+    ssd_module = importlib.import_module("chronos_video.ops.ssd_scan")  # the package's `ssd_scan` is the function
+    monkeypatch.setattr(ssd_module, "_SEGMENT_BYTES", 1)  # one chunk per segment
+    assert len(ssd_module._segments(70, 2, 4, 8)) == 9
+    inputs = make_inputs(length=70, seed=21, complex_bc=complex_bc)
+    scan, reference = (complex_ssd_scan, complex_ssd_scan_reference) if complex_bc else (ssd_scan, ssd_scan_reference)
+    weight = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    results = []
+    for fn, extra in ((scan, dict(chunk_size=8)), (reference, {})):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        out, state = fn(**leaves, **extra, dt_softplus=True, return_final_states=True)
+        loss = (out * weight).sum() + (state.abs() ** 2).sum()
+        results.append((out, state, torch.autograd.grad(loss, list(leaves.values()))))
+    (out, state, grads), (ref_out, ref_state, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-10)
+    for name, ours, ref in zip(inputs, grads, ref_grads):
+        assert rel_err(ours, ref) < 1e-9, name
+
+
+def test_segments_are_whole_balanced_chunks():
+    from chronos_video.ops.ssd_scan import _SEGMENT_BYTES, _segments
+
+    per_chunk_row = 4 * 8 * 32 * 32 * 4  # batch 4, 8 heads, chunk 32, float32
+    spans = _segments(16392, 4, 8, 32)
+    assert spans[0][0] == 0 and spans[-1][1] == 16392
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all((end - start) % 32 == 0 for start, end in spans[:-1])
+    assert max(end - start for start, end in spans) * per_chunk_row // 32 <= _SEGMENT_BYTES
+    assert len(spans) == 5 and _segments(520, 32, 8, 32) == [(0, 288), (288, 520)]
 
 
 def test_zero_step_tokens_are_transparent():

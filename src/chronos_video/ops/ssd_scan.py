@@ -203,10 +203,39 @@ def _chunked_ssd(
     return y, carry
 
 
+# Working set per segment: one (batch, heads, tokens, chunk) float32 decay matrix. Whole-sequence tensors at
+# 16k tokens (67 MB each for 4 scan orders x 8 heads) ran about twice as slow per element as cache-sized ones.
+_SEGMENT_BYTES = 16 * 2**20
+
+
+def _segments(length: int, batch: int, heads: int, chunk_size: int) -> list:
+    """Token ranges (start, end), whole chunks each, scanned one after another with the state carried across."""
+    chunk = min(chunk_size, length)
+    most = max(1, _SEGMENT_BYTES // (batch * heads * chunk * chunk * 4)) * chunk
+    count = -(-length // most)
+    size = -(-length // (count * chunk)) * chunk  # balanced: no short tail segment
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def _scan_segments(length: int, batch: int, heads: int, chunk_size: int, scan_segment, initial_states):
+    """Runs `scan_segment(start, end, state) -> (y, state)` over `_segments`; returns (y, final state)."""
+    outputs, state = [], initial_states
+    for start, end in _segments(length, batch, heads, chunk_size):
+        y, state = scan_segment(start, end, state)
+        outputs.append(y)
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), state
+
+
 def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states) -> ScanOutput:
     acc, mm = _dtypes(x, dt, A, B, C)
     dt_c = _prepare_dt(dt, dt_bias, dt_softplus, acc)
-    y, final = _chunked_ssd(x.to(mm), dt_c, A.to(acc), B.to(mm), C.to(mm), chunk_size, initial_states)
+    x_mm, A_acc, B_mm, C_mm = x.to(mm), A.to(acc), B.to(mm), C.to(mm)
+
+    def scan_segment(start, end, state):
+        part = slice(start, end)
+        return _chunked_ssd(x_mm[:, part], dt_c[:, part], A_acc, B_mm[:, part], C_mm[:, part], chunk_size, state)
+
+    y, final = _scan_segments(x.shape[1], x.shape[0], x.shape[2], chunk_size, scan_segment, initial_states)
     out = _finish(y, x, D, z, x.dtype)
     return (out, final) if return_final_states else out
 
@@ -290,30 +319,43 @@ def cumulative_phase(dt: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     the product is wrapped before the cast: a float32 running phase would lose ~1e-7 of its size per step,
     and its size grows with L (a phase of 1e4 rad would be off by ~1e-3 rad).
     """
-    elapsed = dt.double().cumsum(1)
-    return _wrap(elapsed.unsqueeze(-1) * omega.double()).to(dt.dtype)
+    return _phase(dt.double().cumsum(1), omega, dt.dtype)
 
 
-def _fold_rotation(dt, omega, phase, B, C, heads: int, acc: torch.dtype):
-    """B' = pairs(conj(B) e^{i alpha}), C' = 2 pairs(C e^{i alpha}) with alpha = theta + phase; also theta_L.
+def _phase(elapsed: torch.Tensor, omega: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Wrapped elapsed * omega: float64 (batch, L, H) elapsed times -> (batch, L, H, N) angles in `dtype`."""
+    return _wrap(elapsed.unsqueeze(-1) * omega.double()).to(dtype)
+
+
+def _interleave(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    """(re, im) (.., N) -> real interleaved pairs (.., 2N)."""
+    return torch.stack((re, im), dim=-1).flatten(-2)
+
+
+def _fold_rotation(elapsed, omega, phase, B, C, heads: int, acc: torch.dtype):
+    """B' = pairs(conj(B) e^{i alpha}), C' = 2 pairs(C e^{i alpha}), alpha = elapsed * omega + phase.
 
     Pairs are interleaved (re, im), so the real SSD state h' (.., 2N) is, as complex numbers, the conjugate
     of the complex state turned back by theta: y = C' . h' = 2 Re(sum_n C e^{i theta} conj(h')) = 2 Re(sum_n C h).
+    `elapsed` is the float64 running sum of dt from the sequence start, so a segment of the sequence is
+    folded exactly as the whole. Written in real arithmetic (cos, sin and four products): complex autograd
+    through `polar` and complex products cost about as much as the chunked scan itself.
     """
-    B_c, C_c = _as_complex(B, acc), _as_complex(C, acc)
-    angle, last_phase = None, None
-    if omega is not None:
-        theta = cumulative_phase(dt, omega)
-        angle, last_phase = theta, theta[:, -1]
+    b_re, b_im = _complex_parts(B, acc)
+    c_re, c_im = _complex_parts(C, acc)
+    angle = _phase(elapsed, omega, acc) if omega is not None else None
     if phase is not None:
         phase = phase.to(acc) if phase.dim() == 4 else phase.to(acc).unsqueeze(2)
         angle = phase if angle is None else angle + phase
     if angle is None:
-        return _pairs(B_c.conj().resolve_conj()), 2 * _pairs(C_c), None
-    turn = torch.polar(torch.ones_like(angle), angle)  # (b, L, H or 1, N)
-    if turn.shape[2] != B_c.shape[2]:  # per-head angles: every head gets its own turned copy of its group's B/C
-        B_c, C_c = (m.repeat_interleave(heads // m.shape[2], dim=2) for m in (B_c, C_c))
-    return _pairs(B_c.conj() * turn), _pairs(2 * C_c * turn), last_phase
+        return _interleave(b_re, -b_im), _interleave(2 * c_re, 2 * c_im)
+    cos, sin = angle.cos(), angle.sin()  # (b, L, H or 1, N)
+    groups = B.shape[2]
+    if cos.shape[2] != groups and groups != 1:  # per-head angles: every head gets its own turned copy of its group's B/C
+        b_re, b_im, c_re, c_im = (m.repeat_interleave(heads // groups, dim=2) for m in (b_re, b_im, c_re, c_im))
+    B_fold = _interleave(b_re * cos + b_im * sin, b_re * sin - b_im * cos)
+    C_fold = _interleave(2 * (c_re * cos - c_im * sin), 2 * (c_re * sin + c_im * cos))
+    return B_fold, C_fold
 
 
 def complex_ssd_scan(
@@ -354,23 +396,38 @@ def complex_ssd_scan(
     _check_shape("phase", phase, ((x.shape[0], x.shape[1], n_state), (x.shape[0], x.shape[1], heads, n_state)))
     acc, mm = _dtypes(x, dt, A, B, C, omega, phase, initial_states)
     dt_c = _prepare_dt(dt, dt_bias, dt_softplus, acc)
-    B_fold, C_fold, last_phase = _fold_rotation(dt_c, omega, phase, B, C, heads, acc)
+    elapsed = dt_c.double().cumsum(1) if omega is not None else None
     init = None
     if initial_states is not None:  # the real state is conj(h) (theta = 0 before the first step)
         init = _pairs(initial_states.conj().resolve_conj()).to(acc)
-    if _kernel_supports(x, dt_c, A, B_fold, C_fold, init):  # the folded scan is a real SSD: mamba-ssm's kernel runs it
+    use_kernel = x.is_cuda and has_mamba_ssd_kernel()
+    if use_kernel:  # the folded scan is a real SSD: mamba-ssm's kernel runs it
+        B_fold, C_fold = _fold_rotation(elapsed, omega, phase, B, C, heads, acc)
+        use_kernel = _kernel_supports(x, dt_c, A, B_fold, C_fold, init)
+    if use_kernel:
         y, final = _mamba_chunk_scan_fn()(
             x.contiguous(), dt_c.float().contiguous(), A.float(), B_fold.to(x.dtype).contiguous(),
             C_fold.to(x.dtype).contiguous(), chunk_size, initial_states=init, return_final_states=True,
         )
         y, final = y.to(acc), final.to(acc)
-    else:
-        y, final = _chunked_ssd(x.to(mm), dt_c, A.to(acc), B_fold.to(mm), C_fold.to(mm), chunk_size, init)
+    else:  # segment by segment: the fold's (batch, L, heads, 2N) tensors stay cache-sized too
+        x_mm, A_acc = x.to(mm), A.to(acc)
+
+        def scan_segment(start, end, state):
+            part = slice(start, end)
+            B_fold, C_fold = _fold_rotation(
+                None if elapsed is None else elapsed[:, part], omega, None if phase is None else phase[:, part],
+                B[:, part], C[:, part], heads, acc,
+            )
+            return _chunked_ssd(x_mm[:, part], dt_c[:, part], A_acc, B_fold.to(mm), C_fold.to(mm), chunk_size, state)
+
+        y, final = _scan_segments(x.shape[1], x.shape[0], heads, chunk_size, scan_segment, init)
     out = _finish(y, x, D, z, x.dtype)
     if not return_final_states:
         return out
     state = torch.view_as_complex(final.unflatten(-1, (-1, 2)).contiguous()).conj()  # h = conj(h') e^{i theta_L}
-    if last_phase is not None:
+    if omega is not None:
+        last_phase = _phase(elapsed[:, -1:], omega, acc)[:, 0]  # theta_L (batch, H, N)
         state = state * torch.polar(torch.ones_like(last_phase), last_phase).unsqueeze(2)
     return out, state
 
