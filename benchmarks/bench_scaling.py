@@ -52,6 +52,8 @@ def build_model(name: str, width: int, depth: int, heads: int, **extra):
         return ChronosMambaModel(**common, use_wavelet_gate=True, **extra)
     if name == "chronos-ssd":  # the chunked (state-space duality) scan, `benchmarks/bench_ssd.py`
         return ChronosMambaModel(**common, use_wavelet_gate=False, scan_type="ssd", **extra)
+    if name == "chronos-ssd-shared":  # ... with one rotation for all heads (B and C turned once)
+        return ChronosMambaModel(**common, use_wavelet_gate=False, scan_type="ssd", scan_rotation="shared", **extra)
     return NanoSoraTransformer3DModel(**common)
 
 

@@ -18,7 +18,7 @@ resident set before the run, in a worker whose glibc returns every large block t
 itself held (Linux only). bf16 rows give bf16 inputs: the SSD
 scan runs its matmuls in bf16 (decays in float32); the selective scan and the loop compute in float32.
 
-Whole model (`--mode model`): Chronos-V (SSD and selective scans, no wavelet gate) and Nano-Sora at the same
+Whole model (`--mode model`): Chronos-V (SSD scan with per-head or shared rotation, selective scan; no wavelet gate) and Nano-Sora at the same
 width, depth and tubelet size, forward+backward (float32, or `--autocast bf16` as the training recipes),
 through `bench_scaling.py`'s worker (peak = growth of `ru_maxrss`): time(16N)/time(N) and the measured crossover.
 
@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_scaling  # noqa: E402  (its worker and token grids)
 
 METHODS = ("ssd", "selective", "loop")
-MODEL_NAMES = {"chronos-ssd": "Chronos-V ssd", "chronos": "Chronos-V selective", "nano-sora": "Nano-Sora"}
+MODEL_NAMES = {"chronos-ssd": "Chronos-V ssd", "chronos-ssd-shared": "Chronos-V ssd, shared rotation",
+               "chronos": "Chronos-V selective", "nano-sora": "Nano-Sora"}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -345,7 +345,7 @@ def tiny_ssd(**kwargs) -> ChronosMambaModel:
 @pytest.mark.parametrize(
     "kwargs",
     [dict(), dict(complex_state=False, state_size=6), dict(num_scan_orders=1, use_rope=False),
-     dict(text_conditioning="scan_prefix", num_scan_orders=2)],
+     dict(text_conditioning="scan_prefix", num_scan_orders=2), dict(scan_rotation="shared")],
 )
 def test_ssd_mixer_trains_with_finite_gradients(kwargs):
     model = tiny_ssd(**kwargs)
@@ -404,10 +404,12 @@ def test_ssd_rope_is_relative_and_matters():
     assert not torch.allclose(mixer(tokens, route), base, atol=1e-4)
 
 
-@pytest.mark.parametrize("text_conditioning", ["cross_attention", "scan_prefix"])
-def test_ssd_with_wavelet_gate_gather_equals_mask_and_soft_equals_hard(text_conditioning):
+@pytest.mark.parametrize("text_conditioning, scan_rotation", [("cross_attention", "per_head"), ("scan_prefix", "per_head"),
+                                                              ("cross_attention", "shared")])
+def test_ssd_with_wavelet_gate_gather_equals_mask_and_soft_equals_hard(text_conditioning, scan_rotation):
     video, timestep, text, mask = gated_inputs()
-    model = tiny_ssd(conv_kernel_size=0, text_conditioning=text_conditioning, gate_temperature=1e-4).eval()
+    model = tiny_ssd(conv_kernel_size=0, text_conditioning=text_conditioning, gate_temperature=1e-4,
+                     scan_rotation=scan_rotation).eval()
     lengths, hooks = record_mixer_lengths(model)
     with torch.no_grad():
         gathered = model(video, timestep, text, mask).sample
@@ -436,6 +438,24 @@ def test_ssd_training_step_reduces_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_shared_rotation_turns_b_and_c_once_and_round_trips(tmp_path):
+    """scan_rotation="shared": one frequency ladder (1, N) for all heads, and a model that saves and loads exactly."""
+    model = tiny_ssd(scan_rotation="shared").eval()
+    mixer = model.blocks[0].mixer
+    assert mixer.omega.shape == (1, model.config.state_size) and mixer.state_matrix().shape == (4, model.config.state_size)
+    video, timestep, text, mask = inputs()
+    with torch.no_grad():
+        expected = model(video, timestep, text, mask).sample
+        per_head = tiny_ssd().eval()
+        per_head.load_state_dict({k: v.expand(4, -1) if k.endswith("mixer.omega") else v for k, v in model.state_dict().items()})
+        assert not torch.allclose(per_head(video, timestep, text, mask).sample, expected, atol=1e-5)  # the clocks differ
+    model.save_pretrained(tmp_path / "shared")
+    loaded = ChronosMambaModel.from_pretrained(tmp_path / "shared").eval()
+    assert loaded.config.scan_rotation == "shared"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(video, timestep, text, mask).sample, expected, rtol=0, atol=0)
 
 
 def test_ssd_model_round_trips_and_old_configs_load_as_selective(tmp_path):
@@ -467,7 +487,7 @@ def test_ssd_model_round_trips_and_old_configs_load_as_selective(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"scan_type": "mamba3"}, "scan_type"), ({"scan_type": "ssd", "scan_head_dim": 24}, "scan_head_dim"),
-     ({"scan_chunk_size": 0}, "scan_chunk_size")],
+     ({"scan_chunk_size": 0}, "scan_chunk_size"), ({"scan_rotation": "per_token"}, "scan_rotation")],
 )
 def test_bad_scan_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -245,6 +245,45 @@ def test_segments_are_whole_balanced_chunks():
     assert len(spans) == 5 and _segments(520, 32, 8, 32) == [(0, 288), (288, 520)]
 
 
+@pytest.mark.parametrize("phase_per_head", [False, True])
+@pytest.mark.parametrize("tiny_segments", [False, True])
+def test_group_rotation_clock_matches_the_recurrence(monkeypatch, phase_per_head, tiny_segments):
+    """`rotation_dt` (one rotation clock per group): values, final state and every gradient against the loop."""
+    if tiny_segments:
+        monkeypatch.setattr(importlib.import_module("chronos_video.ops.ssd_scan"), "_SEGMENT_BYTES", 1)
+    inputs = make_inputs(length=45, seed=31)
+    g = torch.Generator().manual_seed(32)
+    inputs["omega"] = torch.randn(2, 5, generator=g, dtype=torch.float64) * 3.0
+    inputs["rotation_dt"] = torch.rand(2, 45, 2, generator=g, dtype=torch.float64) + 0.05
+    if phase_per_head:
+        inputs["phase"] = torch.randn(2, 45, 4, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(inputs["x"].shape, generator=g, dtype=torch.float64)
+    results = []
+    for fn, extra in ((complex_ssd_scan, dict(chunk_size=8)), (complex_ssd_scan_reference, {})):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        out, state = fn(**leaves, **extra, dt_softplus=True, return_final_states=True)
+        loss = (out * weight).sum() + (state.abs() ** 2).sum() + state.real.sum()
+        results.append((out, state, torch.autograd.grad(loss, list(leaves.values()))))
+    (out, state, grads), (ref_out, ref_state, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-10)
+    for name, ours, ref in zip(inputs, grads, ref_grads):
+        assert rel_err(ours, ref) < 1e-9, name
+
+
+def test_group_rotation_clock_equal_to_the_heads_steps_is_the_per_head_rotation():
+    """When the heads of a group step together, a group clock is the per-head rotation it replaces."""
+    inputs = make_inputs(length=30, seed=33)
+    inputs["dt"] = inputs["dt"][:, :, ::2].repeat_interleave(2, dim=2)  # heads (0, 1) and (2, 3) share steps
+    inputs["dt_bias"] = inputs["dt_bias"][::2].repeat_interleave(2)
+    group_omega = inputs["omega"][::2]
+    inputs["omega"] = group_omega.repeat_interleave(2, dim=0)
+    per_head = complex_ssd_scan(**inputs, chunk_size=8, dt_softplus=True)
+    clock = torch.nn.functional.softplus(inputs["dt"][:, :, ::2] + inputs["dt_bias"][::2])
+    grouped = complex_ssd_scan(**{**inputs, "omega": group_omega}, chunk_size=8, dt_softplus=True, rotation_dt=clock)
+    torch.testing.assert_close(grouped, per_head, rtol=1e-10, atol=1e-10)
+
+
 def test_zero_step_tokens_are_transparent():
     """dt = 0 (the wavelet gate's skipped or padding tokens): decay 1, no rotation, no input."""
     inputs = make_inputs(length=40, seed=12)
@@ -275,6 +314,9 @@ def test_zero_step_tokens_are_transparent():
         (dict(D=torch.zeros(3, dtype=torch.float64)), ValueError, "`D`"),
         (dict(initial_states=torch.zeros(2, 4, 3, 5, dtype=torch.float64)), TypeError, "`initial_states`"),
         (dict(chunk_size=0), ValueError, "`chunk_size`"),
+        (dict(rotation_dt=torch.ones(2, 37, 2, dtype=torch.float64)), ValueError, "`omega`"),  # omega is (heads, N)
+        (dict(rotation_dt=torch.ones(2, 37, 4, dtype=torch.float64)), ValueError, "`rotation_dt`"),
+        (dict(rotation_dt=torch.ones(2, 37, 2, dtype=torch.float64), omega=None), ValueError, "`rotation_dt`"),
     ],
 )
 def test_invalid_inputs_name_the_argument(change, error, match):

@@ -346,6 +346,8 @@ def _fold_rotation(elapsed, omega, phase, B, C, heads: int, acc: torch.dtype):
     angle = _phase(elapsed, omega, acc) if omega is not None else None
     if phase is not None:
         phase = phase.to(acc) if phase.dim() == 4 else phase.to(acc).unsqueeze(2)
+        if angle is not None and 1 < angle.shape[2] < phase.shape[2]:  # group clocks, per-head positions
+            angle = angle.repeat_interleave(phase.shape[2] // angle.shape[2], dim=2)
         angle = phase if angle is None else angle + phase
     if angle is None:
         return _interleave(b_re, -b_im), _interleave(2 * c_re, 2 * c_im)
@@ -373,6 +375,7 @@ def complex_ssd_scan(
     initial_states: Optional[torch.Tensor] = None,
     dt_softplus: bool = False,
     return_final_states: bool = False,
+    rotation_dt: Optional[torch.Tensor] = None,
 ) -> ScanOutput:
     """Complex diagonal SSD, decay shared within a head, one rotation frequency per state (module docstring).
 
@@ -387,16 +390,28 @@ def complex_ssd_scan(
         chunk_size: steps per chunk of the matmul form (any L; the last chunk is padded).
         D: (heads,) or (heads, head_dim) skip; z: like x, output gate silu(z).
         initial_states / final states: complex (batch, heads, head_dim, N).
+        rotation_dt: (batch, L, groups) step sizes of a rotation clock shared by the heads of each group, with
+            `omega` (groups, N): A[h, n] steps as exp(dt[h] A_h + i rotation_dt[g] omega[g, n]). B and C then
+            stay one copy per group after the turn, which halves the scan's time and memory (the default,
+            None, turns them per head by dt: heads x the size).
 
     Returns y = (2 Re(sum_n C h) + D x) * silu(z) in x's dtype, and the final state when `return_final_states`.
     """
     n_state = _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, complex_bc=True)
-    heads = x.shape[2]
-    _check_shape("omega", omega, ((heads, n_state),))
+    heads, groups = x.shape[2], B.shape[2]
+    if rotation_dt is not None:
+        if omega is None:
+            raise ValueError("`rotation_dt` is the clock of the rotation `omega`; pass `omega` (groups, N) with it.")
+        _check_shape("rotation_dt", rotation_dt, ((x.shape[0], x.shape[1], groups),))
+        _check_shape("omega", omega, ((groups, n_state),))
+    else:
+        _check_shape("omega", omega, ((heads, n_state),))
     _check_shape("phase", phase, ((x.shape[0], x.shape[1], n_state), (x.shape[0], x.shape[1], heads, n_state)))
     acc, mm = _dtypes(x, dt, A, B, C, omega, phase, initial_states)
     dt_c = _prepare_dt(dt, dt_bias, dt_softplus, acc)
-    elapsed = dt_c.double().cumsum(1) if omega is not None else None
+    elapsed = None
+    if omega is not None:
+        elapsed = (dt_c if rotation_dt is None else rotation_dt).double().cumsum(1)
     init = None
     if initial_states is not None:  # the real state is conj(h) (theta = 0 before the first step)
         init = _pairs(initial_states.conj().resolve_conj()).to(acc)
@@ -427,7 +442,8 @@ def complex_ssd_scan(
         return out
     state = torch.view_as_complex(final.unflatten(-1, (-1, 2)).contiguous()).conj()  # h = conj(h') e^{i theta_L}
     if omega is not None:
-        last_phase = _phase(elapsed[:, -1:], omega, acc)[:, 0]  # theta_L (batch, H, N)
+        last_phase = _phase(elapsed[:, -1:], omega, acc)[:, 0]  # theta_L (batch, H or G, N)
+        last_phase = last_phase.repeat_interleave(heads // last_phase.shape[1], dim=1)
         state = state * torch.polar(torch.ones_like(last_phase), last_phase).unsqueeze(2)
     return out, state
 
@@ -457,7 +473,7 @@ def ssd_scan_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_sta
 
 
 def complex_ssd_scan_reference(x, dt, A, B, C, omega=None, phase=None, D=None, z=None, dt_bias=None, initial_states=None,
-                               dt_softplus=False, return_final_states=False) -> ScanOutput:
+                               dt_softplus=False, return_final_states=False, rotation_dt=None) -> ScanOutput:
     """The complex recurrence itself, step by step (no folding, no chunks): the oracle of `complex_ssd_scan`."""
     n_state = _validate(x, dt, A, B, C, 1, D, z, dt_bias, initial_states, complex_bc=True)
     acc, _ = _dtypes(x, dt, A, B, C, omega, phase, initial_states)
@@ -472,12 +488,13 @@ def complex_ssd_scan_reference(x, dt, A, B, C, omega=None, phase=None, D=None, z
         turn = turn if phase.dim() == 4 else turn.unsqueeze(2)
         B_h, C_h = B_h * turn.conj(), C_h * turn
     rate = A.to(acc)[:, None].expand(-1, n_state)
-    A_c = torch.complex(rate, omega.to(acc) if omega is not None else torch.zeros_like(rate))
+    omega_h = torch.zeros_like(rate) if omega is None else omega.to(acc).repeat_interleave(rate.shape[0] // omega.shape[0], dim=0)
+    clock = dt_c if rotation_dt is None else rotation_dt.to(acc).repeat_interleave(per_group, dim=2)
     state = (initial_states.to(cplx) if initial_states is not None
              else torch.zeros(x.shape[0], x.shape[2], x.shape[3], n_state, dtype=cplx, device=x.device))
     outputs = []
     for t in range(x.shape[1]):
-        decay = torch.exp(dt_c[:, t, :, None] * A_c).unsqueeze(-2)  # (b, H, 1, N)
+        decay = torch.polar(torch.exp(dt_c[:, t, :, None] * rate), clock[:, t, :, None] * omega_h).unsqueeze(-2)  # (b, H, 1, N)
         state = decay * state + (dt_c[:, t, :, None] * x[:, t].to(acc)).unsqueeze(-1) * B_h[:, t].unsqueeze(-2)
         outputs.append(2 * (state * C_h[:, t].unsqueeze(-2)).sum(-1).real)
     out = _finish(torch.stack(outputs, 1), x, D, z, x.dtype)
