@@ -290,18 +290,6 @@ def _complex_parts(M: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, t
     return pairs[..., 0], pairs[..., 1]
 
 
-def _as_complex(M: torch.Tensor, real_dtype: torch.dtype) -> torch.Tensor:
-    """Complex (.., N) from complex input or real interleaved pairs (.., 2N): a free view when the layout allows."""
-    cplx = complex_dtype_for(real_dtype)
-    if M.is_complex():
-        return M.to(cplx)
-    pairs = M.to(real_dtype).unflatten(-1, (-1, 2))
-    try:
-        return torch.view_as_complex(pairs)
-    except RuntimeError:  # odd storage offset or strides (e.g. a slice of a projection's output)
-        return torch.complex(pairs[..., 0], pairs[..., 1])
-
-
 def _pairs(M: torch.Tensor) -> torch.Tensor:
     """Complex (.., N) -> real interleaved (re, im) pairs (.., 2N), a view."""
     return torch.view_as_real(M).flatten(-2)
