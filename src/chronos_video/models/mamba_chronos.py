@@ -66,7 +66,7 @@ class OmniComplexMambaMixer(nn.Module):
 
     Takes the model's config once, as transformers' `MambaMixer` does: it reads `hidden_size`,
     `state_size`, `expand`, `conv_kernel_size`, `time_step_rank`, `time_step_min`, `time_step_max`,
-    `num_scan_orders`, `complex_state`, `use_rope`, `scan_type`, `scan_head_dim` and `scan_chunk_size`
+    `num_scan_orders`, `complex_state`, `use_rope`, `scan_type`, `scan_head_dim`, `scan_chunk_size` and `scan_rotation`
     (see `ChronosMambaModel`). With `scan_type="ssd"` delta, the decay and the rotation frequencies are
     per head (`num_heads` = inner width / `scan_head_dim`) instead of per channel.
     """
