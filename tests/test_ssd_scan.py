@@ -48,6 +48,23 @@ def rel_err(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
+def assert_matches_reference(scan, reference, inputs, chunk_size, seed):
+    """Output, final state and every input's gradient of a loss on both equal autograd through the float64 loop."""
+    weight = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    results = []
+    for fn, extra in ((scan, dict(chunk_size=chunk_size)), (reference, {})):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        out, state = fn(**leaves, **extra, dt_softplus=True, return_final_states=True)
+        loss = (out * weight).sum() + (state.abs() ** 2).sum() + state.real.sum()
+        results.append((out, state, torch.autograd.grad(loss, list(leaves.values()))))
+    (out, state, grads), (ref_out, ref_state, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-10)
+    for name, ours, ref in zip(inputs, grads, ref_grads):
+        assert ours.shape == inputs[name].shape and ours.dtype == inputs[name].dtype, name
+        assert rel_err(ours, ref) < 1e-9, name
+
+
 ROTATIONS = [(True, True), (True, False), (False, True), (False, False)]  # (omega, phase)
 
 
@@ -75,33 +92,13 @@ def test_complex_gradients_match_sequential_recurrence(use_omega, use_phase):
         inputs.pop("omega")
     if not use_phase:
         inputs.pop("phase")
-    weight = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    grads = []
-    for fn, extra in ((complex_ssd_scan, dict(chunk_size=16)), (complex_ssd_scan_reference, {})):
-        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-        out, state = fn(**leaves, **extra, dt_softplus=True, return_final_states=True)
-        loss = (out * weight).sum() + (state.abs() ** 2).sum() + state.real.sum()
-        grads.append(torch.autograd.grad(loss, list(leaves.values())))
-    for name, ours, ref in zip(inputs, *grads):
-        assert ours.shape == inputs[name].shape and ours.dtype == inputs[name].dtype, name
-        assert rel_err(ours, ref) < 1e-9, name
+    assert_matches_reference(complex_ssd_scan, complex_ssd_scan_reference, inputs, chunk_size=16, seed=2)
 
 
 @pytest.mark.parametrize("length, chunk_size", [(1, 4), (37, 8), (100, 32)])
 def test_real_ssd_matches_sequential_loop_values_and_gradients(length, chunk_size):
     inputs = make_inputs(length=length, complex_bc=False, seed=3)
-    weight = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    results = []
-    for fn, extra in ((ssd_scan, dict(chunk_size=chunk_size)), (ssd_scan_reference, {})):
-        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-        out, state = fn(**leaves, **extra, dt_softplus=True, return_final_states=True)
-        loss = (out * weight).sum() + state.square().sum()
-        results.append((out, state, torch.autograd.grad(loss, list(leaves.values()))))
-    (out, state, grads), (ref_out, ref_state, ref_grads) = results
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-10)
-    for name, ours, ref in zip(inputs, grads, ref_grads):
-        assert rel_err(ours, ref) < 1e-9, name
+    assert_matches_reference(ssd_scan, ssd_scan_reference, inputs, chunk_size=chunk_size, seed=4)
 
 
 def test_complex_ssd_equals_selective_scan_with_a_decay_shared_per_head():
@@ -219,18 +216,7 @@ def test_segmented_scan_matches_the_recurrence_in_values_and_gradients(monkeypat
     assert len(ssd_module._segments(70, 2, 4, 8)) == 9
     inputs = make_inputs(length=70, seed=21, complex_bc=complex_bc)
     scan, reference = (complex_ssd_scan, complex_ssd_scan_reference) if complex_bc else (ssd_scan, ssd_scan_reference)
-    weight = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
-    results = []
-    for fn, extra in ((scan, dict(chunk_size=8)), (reference, {})):
-        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-        out, state = fn(**leaves, **extra, dt_softplus=True, return_final_states=True)
-        loss = (out * weight).sum() + (state.abs() ** 2).sum()
-        results.append((out, state, torch.autograd.grad(loss, list(leaves.values()))))
-    (out, state, grads), (ref_out, ref_state, ref_grads) = results
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-10)
-    for name, ours, ref in zip(inputs, grads, ref_grads):
-        assert rel_err(ours, ref) < 1e-9, name
+    assert_matches_reference(scan, reference, inputs, chunk_size=8, seed=22)
 
 
 def test_segments_are_whole_balanced_chunks():
@@ -257,18 +243,7 @@ def test_group_rotation_clock_matches_the_recurrence(monkeypatch, phase_per_head
     inputs["rotation_dt"] = torch.rand(2, 45, 2, generator=g, dtype=torch.float64) + 0.05
     if phase_per_head:
         inputs["phase"] = torch.randn(2, 45, 4, 5, generator=g, dtype=torch.float64)
-    weight = torch.randn(inputs["x"].shape, generator=g, dtype=torch.float64)
-    results = []
-    for fn, extra in ((complex_ssd_scan, dict(chunk_size=8)), (complex_ssd_scan_reference, {})):
-        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-        out, state = fn(**leaves, **extra, dt_softplus=True, return_final_states=True)
-        loss = (out * weight).sum() + (state.abs() ** 2).sum() + state.real.sum()
-        results.append((out, state, torch.autograd.grad(loss, list(leaves.values()))))
-    (out, state, grads), (ref_out, ref_state, ref_grads) = results
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-10)
-    for name, ours, ref in zip(inputs, grads, ref_grads):
-        assert rel_err(ours, ref) < 1e-9, name
+    assert_matches_reference(complex_ssd_scan, complex_ssd_scan_reference, inputs, chunk_size=8, seed=33)
 
 
 def test_group_rotation_clock_equal_to_the_heads_steps_is_the_per_head_rotation():
