@@ -363,7 +363,9 @@ def test_native_fp8_matches_emulation_on_gpu(scaling):
     with torch.no_grad(), native.use("fp8"):
         got = model(x)
     native.remove()
-    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+    # The native path hands the second layer bf16 activations, the emulation float32 ones: a bf16 rounding can move a
+    # value across an FP8 (e4m3, 1/8-relative steps) bin. Measured on an H200: 2.3% of the output range (tensor scaling).
+    assert (got - expected).abs().max() <= 0.04 * expected.abs().max()
 
 
 @pytest.mark.gpu

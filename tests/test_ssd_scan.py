@@ -325,6 +325,8 @@ def test_mamba_ssd_kernel_matches_torch_path():
             out = fn(**leaves, chunk_size=64, dt_softplus=True)
             outs.append(out.cpu())
             grads.append([g.cpu() for g in torch.autograd.grad(out.square().sum(), list(leaves.values()))])
-        assert rel_err(outs[0], outs[1]) < 1e-3
+        # The kernel's float32 matmuls run in TF32 (10-bit mantissa): on an H200 the output differed by 1.5e-3
+        # and the gradients by 2.9e-3 at every length from 1k to 64k (benchmarks/bench_gpu.py), a rounding floor, not drift.
+        assert rel_err(outs[0], outs[1]) < 5e-3
         for name, kernel_grad, torch_grad in zip(inputs, *grads):
             assert rel_err(kernel_grad, torch_grad) < 5e-3, name

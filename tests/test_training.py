@@ -122,6 +122,16 @@ def test_config_overrides_and_errors(train, tmp_path):
         train.parse_config(["--config", str(SMOKE), "--lora_rank", "4"])
 
 
+def test_exponent_numbers_without_a_decimal_point_are_numbers(train, tmp_path):
+    """PyYAML reads `6e-4` as a string; on the command line and in a config file it must be the number."""
+    config = train.parse_config(["--config", str(SMOKE), "--learning_rate", "6e-4", "--model.rope_theta", "1e4"])
+    assert config.learning_rate == pytest.approx(6e-4) and config.model["rope_theta"] == 1e4
+    path = tmp_path / "exponent.yaml"
+    path.write_text(SMOKE.read_text() + "\nadam_weight_decay: 1e-2\n")
+    assert train.parse_config(["--config", str(path)]).adam_weight_decay == pytest.approx(0.01)
+    assert train.parse_config(["--config", str(SMOKE), "--hub_model_id", "me/e5"]).hub_model_id == "me/e5"
+
+
 def test_config_and_builders_live_in_the_package(train):
     """`training/train.py` is the entry point only: its config and model builders come from the package."""
     from chronos_video.training_builders import backbone_kwargs, build_backbone

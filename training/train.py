@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     ema = EMAModel(trainable, decay=config.ema_decay, use_ema_warmup=True, power=0.75) if config.use_ema else None
     module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
+    if ema is not None:  # its shadow copies were taken on the CPU, before `prepare` moved the model
+        ema.to(accelerator.device)
 
     global_step = resumed_from_step = 0
     resume_path = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -192,7 +192,8 @@ class _LanguageModelStage(TrainingStage):
                 frame_rows=rows, frame_columns=columns, **config.model,
             )
             language_model = ARVideoForCausalLM(lm_config)
-        video_tokenizer.requires_grad_(False).eval()
+        # On the run's device (a GPU under `accelerate launch`): it encodes every clip once, then decodes validation samples.
+        video_tokenizer.requires_grad_(False).eval().to(PartialState().device)
         cache = config.data.get("cache_dir")  # codes are cached beside the rendered clips
         self.codes = encode_clips(video_tokenizer, frames, cache_dir=Path(cache) / "codes" if cache else None)
         self.pipeline = ARVideoPipeline(tokenizer, video_tokenizer, language_model, num_frames=frames.shape[1])
@@ -290,6 +291,8 @@ def train_stage(config: TrainConfig, accelerator: Accelerator, build_stage: Call
                                  num_training_steps=config.max_train_steps * accelerator.num_processes)
     ema = EMAModel(trainable, decay=config.ema_decay, use_ema_warmup=True, power=0.75) if config.use_ema else None
     module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
+    if ema is not None:  # its shadow copies were taken on the CPU, before `prepare` moved the model
+        ema.to(accelerator.device)
 
     global_step = resumed_from_step = 0
     resume_path = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,21 @@ class TrainConfig:
             raise ValueError("`validation_swap_gap_clips` scores the denoising loss of pixel-space pipelines; set it to 0 with `vae`.")
 
 
+# YAML 1.1 (PyYAML) reads `6e-4` and `1e5`, with no decimal point, as strings; both are numbers to a user.
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _numbers(value: Any) -> Any:
+    """`value` with strings such as "6e-4" (at any depth) turned into floats."""
+    if isinstance(value, str) and _EXPONENT_NUMBER.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
 def _set_nested(config: dict[str, Any], dotted_key: str, raw_value: str) -> None:
     names = dotted_key.split(".")
     known = {f.name for f in fields(TrainConfig)}
@@ -224,7 +240,7 @@ def _set_nested(config: dict[str, Any], dotted_key: str, raw_value: str) -> None
         target = target.setdefault(name, {})
         if not isinstance(target, dict):
             raise ValueError(f"`--{dotted_key}`: `{name}` is not a mapping.")
-    target[names[-1]] = yaml.safe_load(raw_value)
+    target[names[-1]] = _numbers(yaml.safe_load(raw_value))
 
 
 def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
@@ -237,7 +253,7 @@ def parse_config(argv: list[str] | None = None, description: str | None = None) 
     args, rest = parser.parse_known_args(argv)
     values: dict[str, Any] = asdict(TrainConfig())
     if args.config:
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        loaded = _numbers(yaml.safe_load(Path(args.config).read_text()) or {})
         if not isinstance(loaded, dict):
             raise ValueError(f"`--config` {args.config} must hold a YAML mapping.")
         for key, value in loaded.items():

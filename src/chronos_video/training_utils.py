@@ -194,6 +194,7 @@ def restore_training_states(path: str | os.PathLike, trainable, optimizer, lr_sc
     lr_scheduler.load_state_dict(states["lr_scheduler"])
     if ema is not None:
         ema.load_state_dict(states["ema"])
+        ema.to(trainable[0].device)  # the checkpoint loads on the CPU
     return int(metadata["step"])
 
 
