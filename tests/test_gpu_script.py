@@ -105,7 +105,7 @@ def test_cpu_smoke_trains_tests_and_packs(tmp_path):
     logs = members(out / "logs.tar.gz")
     assert {"logs/env.txt", "logs/pytest_0.log", "logs/pytest_1.log"} <= set(logs)
     assert "skipped" in summary["checks"][0]["note"] and "skipped" in summary["checks"][1]["note"]
-    assert summary["checks"][2]["name"].startswith("bench_ssd")  # run when it takes --device, else a note says why not
+    assert summary["checks"][2]["name"] == "bench_gpu" and summary["checks"][2]["returncode"] == 0
 
     table = (out / "summary.md").read_text()
     for run in summary["runs"]:
