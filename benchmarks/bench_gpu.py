@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scaling import build_model  # noqa: E402
+from bench_scaling import PATCH, build_model  # noqa: E402
 
 from chronos_video.ops.ssd_scan import _ssd_torch, has_mamba_ssd_kernel, ssd_scan  # noqa: E402
 
@@ -104,7 +104,8 @@ def model_table(args, device: torch.device) -> list[dict]:
         for size in args.sizes:
             video = torch.randn(args.batch, 3, 8, size, size, device=device)
             text, timestep = torch.randn(args.batch, 8, 32, device=device), torch.full((args.batch,), 500.0, device=device)
-            row = {"table": "model", "model": name, "frames": 8, "size": size, "tokens": args.batch * 8 * (size // 4) ** 2 // 1}
+            tokens = (8 // PATCH[0]) * (size // PATCH[1]) * (size // PATCH[2])  # per clip
+            row = {"table": "model", "model": name, "frames": 8, "size": size, "tokens": tokens}
 
             def step():
                 model.zero_grad(set_to_none=True)

@@ -2,7 +2,8 @@
 """HRM-Video: what adaptive halting and the warm-started carry save, and what they cost in oracle accuracy.
 
     python benchmarks/bench_hrm_halting.py --pipeline pipelines/hrm-shapes [--num-prompts 64] [--steps 20]
-        [--guidance-scale 4] [--seed 0] [--batch-size 8] [--threads 1] [--output halting.json]
+        [--guidance-scale 4] [--seed 0] [--batch-size 8] [--threads 1] [--halt-thresholds 0.3 0.7 0.9]
+        [--single-segment-above-sigma 0.65] [--output halting.json]
 
 An `HRMVideoPipeline` runs the backbone's recursion segment by segment at every sampling step. Two call
 arguments may shorten it: `halting` (each sample stops once its halting head fires, at most `max_segments`)
@@ -12,7 +13,10 @@ script samples the same held-out prompts with the same seeds (`evaluate_pipeline
 * **max segments**: `halting=False, warm_start=False`, every evaluation runs `max_segments` segments;
 * **halting**: `halting=True, warm_start=False` (the pipeline's default);
 * **warm start**: `halting=False, warm_start=True`;
-* **halting + warm start**: both.
+* **halting + warm start**: both;
+* with `--halt-thresholds`, one more halting row per value of the halting head's threshold (the model's own is 0.5);
+* with `--single-segment-above-sigma`, one more row per value: halting off, one segment per evaluation while the
+  noise level is above the value and the maximum below it (the pipeline's `single_segment_above_sigma`).
 
 Columns: mean segments per sampling step and video (from the per-step `trace`; conditional rows, and under
 classifier-free guidance the unconditional rows separately), segments saved against the maximum, generation
@@ -56,8 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-segments", type=int, default=None, help="most segments per evaluation (default: the model's)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--halt-thresholds", type=float, nargs="*", default=[],
+                        help="extra halting rows with the halting head's threshold set to each value (default: the model's only)")
+    parser.add_argument("--single-segment-above-sigma", type=float, nargs="*", default=[],
+                        help="extra rows, halting off: one segment per evaluation while sigma is above each value, the maximum below")
     parser.add_argument("--output", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
+    for threshold in args.halt_thresholds:
+        if not 0.0 < threshold < 1.0:
+            parser.error(f"--halt-thresholds must lie in (0, 1), got {threshold}")
+    for sigma in args.single_segment_above_sigma:
+        if not 0.0 <= sigma <= 1.0:
+            parser.error(f"--single-segment-above-sigma must lie in [0, 1], got {sigma}")
     for name in ("num_prompts", "steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -71,14 +85,16 @@ class TracedPipeline:
 
     def __init__(self, pipe):
         self.pipe, self.seconds, self.frames, self.segments, self.segments_unconditional = pipe, 0.0, [], [], []
+        self.by_step: dict[int, list[int]] = {}
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
         output = self.pipe(*args, **kwargs)
         self.seconds += time.perf_counter() - start
         self.frames.append(output.frames)
-        for record in output.trace:
+        for step, record in enumerate(output.trace):
             self.segments.extend(record["segments"])
+            self.by_step.setdefault(step, []).extend(record["segments"])
             self.segments_unconditional.extend(record.get("segments_unconditional", []))
         return output
 
@@ -100,6 +116,7 @@ def measure(pipe, args, name: str, setting: dict, baseline: dict | None) -> dict
         "segments_per_step": mean_segments,
         "segments_per_step_unconditional": float(np.mean(traced.segments_unconditional)) if traced.segments_unconditional else None,
         "segments_saved": 1.0 - mean_segments / max_segments,
+        "segments_by_step": [float(np.mean(traced.by_step[i])) for i in sorted(traced.by_step)],  # which sampling steps halt
         "seconds_per_video": traced.seconds / args.num_prompts,
         "oracle": {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))},
         "frames": frames,
@@ -136,10 +153,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pipe.set_progress_bar_config(disable=True)
     pipe("a small red circle moving left to right slowly", num_inference_steps=1, output_type="latent")  # untimed warm-up
     rows: list[dict] = []
-    for name, setting in SETTINGS:
+    default_threshold = pipe.transformer.config.halt_threshold
+    extra = [(f"halting, threshold {t:g}", {"halting": True, "warm_start": False}, t) for t in args.halt_thresholds]
+    extra += [(f"one segment above sigma {v:g}", {"halting": False, "warm_start": False, "single_segment_above_sigma": v}, default_threshold)
+              for v in args.single_segment_above_sigma]
+    for name, setting, threshold in [(n, s, default_threshold) for n, s in SETTINGS] + extra:
+        pipe.transformer.register_to_config(halt_threshold=threshold)
         row = measure(pipe, args, name, setting, rows[0] if rows else None)
+        row["halt_threshold"] = threshold
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "frames"}), flush=True)
+    pipe.transformer.register_to_config(halt_threshold=default_threshold)
     for row in rows:
         row.pop("frames")
     print()

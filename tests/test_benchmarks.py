@@ -104,11 +104,16 @@ def test_hrm_halting_benchmark_counts_segments_per_setting(tmp_path, tiny_tokeni
     same prompts; halting cuts every sampling step to one segment of three, warm start alone changes the videos."""
     folder = make_tiny_hrm_folder(tiny_tokenizer, tmp_path / "hrm", halt=True)
     command = [sys.executable, str(REPO / "benchmarks" / "bench_hrm_halting.py"), "--pipeline", str(folder), "--num-prompts", "2",
-               "--batch-size", "2", "--steps", "3", "--output", str(tmp_path / "halting.json")]
+               "--batch-size", "2", "--steps", "3", "--halt-thresholds", "0.999", "--single-segment-above-sigma", "0.5", "--output", str(tmp_path / "halting.json")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = {row["setting"]: row for row in json.loads((tmp_path / "halting.json").read_text())["rows"]}
-    assert list(rows) == ["max segments", "halting", "warm start", "halting + warm start"]
+    assert list(rows) == ["max segments", "halting", "warm start", "halting + warm start", "halting, threshold 0.999",
+                          "one segment above sigma 0.5"]
+    # 3 steps at sigmas 1, 2/3, 1/3 (no shift): one segment at the first two, three at the last
+    assert rows["one segment above sigma 0.5"]["segments_by_step"] == [1.0, 1.0, 3.0]
+    # the head fires at sigmoid(5) = 0.993: above the model's 0.5, below 0.999, so the last row never halts
+    assert rows["halting, threshold 0.999"]["segments_per_step"] == 3.0 and rows["halting"]["segments_by_step"] == [1.0, 1.0, 1.0]
     assert rows["max segments"]["segments_per_step"] == rows["warm start"]["segments_per_step"] == 3.0
     assert rows["max segments"]["segments_per_step_unconditional"] == 3.0  # guidance 4: the unconditional half too
     assert rows["halting"]["segments_per_step"] == rows["halting + warm start"]["segments_per_step"] == 1.0

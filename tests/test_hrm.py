@@ -291,6 +291,20 @@ def test_trace_reports_segments_and_halting_saves_them(tiny_tokenizer):
                                        generator=torch.Generator().manual_seed(0)).frames, never)
 
 
+def test_single_segment_above_sigma_limits_the_high_noise_steps(tiny_tokenizer):
+    pipe = make_tiny_hrm_pipeline(tiny_tokenizer)
+    out = pipe(PROMPT, num_inference_steps=3, halting=False, single_segment_above_sigma=0.5, generator=torch.Generator().manual_seed(0))
+    assert [step["segments"] for step in out.trace] == [[1] if step["sigma"] > 0.5 else [3] for step in out.trace]
+    assert [1] in [step["segments"] for step in out.trace] and [3] in [step["segments"] for step in out.trace]
+    # 1 limits no evaluation: the same videos as without the argument
+    unlimited = pipe(PROMPT, num_inference_steps=3, halting=False, generator=torch.Generator().manual_seed(0)).frames
+    np.testing.assert_array_equal(pipe(PROMPT, num_inference_steps=3, halting=False, single_segment_above_sigma=1.0,
+                                       generator=torch.Generator().manual_seed(0)).frames, unlimited)
+    for bad in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="single_segment_above_sigma"):
+            pipe(PROMPT, num_inference_steps=1, single_segment_above_sigma=bad)
+
+
 def test_warm_start_threads_the_carry_between_sampling_steps(tiny_tokenizer):
     pipe = make_tiny_hrm_pipeline(tiny_tokenizer)
     carries = []

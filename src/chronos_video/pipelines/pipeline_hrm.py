@@ -10,7 +10,7 @@ from ..models.hrm_video import HRMCarry, HRMVideoModel
 from .pipeline_flow_video import FlowVideoPipeline, VideoPipelineOutput
 
 # recursion settings of a `predict_velocity` call made outside `__call__` (no warm start to keep)
-_OUTSIDE_CALL = {"halting": True, "warm_start": False, "max_segments": None}
+_OUTSIDE_CALL = {"halting": True, "warm_start": False, "max_segments": None, "single_segment_above_sigma": None}
 
 
 class HRMVideoPipeline(FlowVideoPipeline):
@@ -27,6 +27,10 @@ class HRMVideoPipeline(FlowVideoPipeline):
         warm_start: start each evaluation from the previous one's carry (default False: the shipped
             model, trained from zero carries, lost 25 points of "all five" with it; `bench_hrm_halting.py`).
         max_segments: most segments per evaluation (default: the backbone config's).
+        single_segment_above_sigma: evaluations at noise levels sigma above this run one segment; at or below
+            it, up to `max_segments` (halting as set). The learned halting head of the shipped model stops in
+            the last, low-noise steps, where the second segment sharpens the shape; at high noise one segment
+            is enough (`bench_hrm_halting.py --single-segment-above-sigma`). Default None: no such limit.
 
     Every `trace` entry gains `segments` (one count per video of the conditional batch) and, under
     classifier-free guidance, `segments_unconditional`.
@@ -44,13 +48,22 @@ class HRMVideoPipeline(FlowVideoPipeline):
 
     transformer: HRMVideoModel
 
-    def __call__(self, *args, halting: bool = True, warm_start: bool = False, max_segments: int | None = None, **kwargs):
+    def __call__(
+        self, *args, halting: bool = True, warm_start: bool = False, max_segments: int | None = None,
+        single_segment_above_sigma: float | None = None, **kwargs,
+    ):
         for name, value in (("halting", halting), ("warm_start", warm_start)):
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` must be True or False, got {value!r}.")
         if max_segments is not None and (not isinstance(max_segments, int) or isinstance(max_segments, bool) or max_segments < 1):
             raise ValueError(f"`max_segments` must be a positive integer or None, got {max_segments!r}.")
-        self._recursion = {"halting": halting, "warm_start": warm_start, "max_segments": max_segments}
+        if single_segment_above_sigma is not None and (
+            isinstance(single_segment_above_sigma, bool) or not isinstance(single_segment_above_sigma, (int, float))
+            or not 0.0 <= single_segment_above_sigma <= 1.0
+        ):
+            raise ValueError(f"`single_segment_above_sigma` must be a number in [0, 1] or None, got {single_segment_above_sigma!r}.")
+        self._recursion = {"halting": halting, "warm_start": warm_start, "max_segments": max_segments,
+                           "single_segment_above_sigma": single_segment_above_sigma}
         self._carry: HRMCarry | None = None
         self._segment_trace: list[dict[str, Any]] = []
         try:
@@ -71,7 +84,11 @@ class HRMVideoPipeline(FlowVideoPipeline):
         if carry is not None and carry.high.shape[0] != model_input.shape[0]:
             carry = None
         inputs = super().transformer_inputs(model_input, timestep, prompt_embeds, prompt_mask, attention_kwargs)
-        inputs.update(return_dict=True, carry=carry, max_segments=settings["max_segments"], halting=settings["halting"])
+        max_segments = settings["max_segments"]
+        threshold = settings["single_segment_above_sigma"]
+        if threshold is not None and float(timestep.reshape(-1)[0]) / self.scheduler.config.num_train_timesteps > threshold:
+            max_segments = 1
+        inputs.update(return_dict=True, carry=carry, max_segments=max_segments, halting=settings["halting"])
         return inputs
 
     def velocity_from_output(self, output) -> torch.Tensor:
