@@ -72,6 +72,10 @@ def test_plan_scales_steps_and_validation(driver, tmp_path):
     assert flags["--validation_steps"] == "1500" and flags["--train_batch_size"] == "32"
     assert flags["--mixed_precision"] == "bf16" and flags["--report_to"] == "null"
     assert flags["--output_dir"] == str(tmp_path / "nano_sora_shapes") and run.overrides[-1] == "--seed=1"
+    # the data caches a parallel launch builds first: the clips, then the curriculum's (its settings over the clips')
+    assert run.data[0] == {"num_clips": 8000, "num_frames": 16, "height": 32, "width": 32, "split": "train", "seed": 0, "start_spread": 0.0}
+    assert len(run.data) == 2 and run.data[1]["num_clips"] == 2000 and run.data[1]["attributes"]["color"] == ["white"]
+    assert len(driver.plan_run("training/configs/smoke.yaml", args, tmp_path, taken, tensorboard=False).data) == 1
     assert driver.latest_checkpoint_step(tmp_path) is None
     for step in (5, 40, 12):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -94,7 +98,7 @@ def test_without_cuda_it_stops_with_a_clear_message(tmp_path):
 @pytest.mark.slow
 def test_cpu_smoke_trains_tests_and_packs(tmp_path):
     out = tmp_path / "out"
-    result = run_script(out, "--cpu-smoke", "--steps-factor", "0.5")  # 3 steps per smoke config
+    result = run_script(out, "--cpu-smoke", "--steps-factor", "0.5", "--parallel")  # 3 steps per smoke config, side by side
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted([*(f"{n}.tar.gz" for n in SMOKE_NAMES), "logs.tar.gz", "summary.md"]) and len(files) <= 8
@@ -108,6 +112,7 @@ def test_cpu_smoke_trains_tests_and_packs(tmp_path):
     assert summary["checks"][2]["name"] == "bench_gpu" and summary["checks"][2]["returncode"] == 0
 
     table = (out / "summary.md").read_text()
+    assert "runs side by side" in table
     for run in summary["runs"]:
         name = run["name"]
         assert run["status"] == "ok" and run["steps_done"] == 3 and f"logs/train_{name}.log" in logs

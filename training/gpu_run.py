@@ -15,7 +15,8 @@ Steps, each logged:
    model time and memory at 8 frames; `--quick` on a CPU, where it runs the model table only).
 3. Training: each config through `training/train.py` into `<out>/work/<name>`, with `max_train_steps` (and the
    validation interval) scaled by `--steps-factor`, bf16, and a wall-clock limit per run. The budget left is
-   shared evenly among the runs still to go, so one slow run cannot eat it; a run that hits its limit is
+   shared evenly among the runs still to go, so one slow run cannot eat it (with `--parallel`, all runs start
+   together, each with the whole budget, after their data caches are built once); a run that hits its limit is
    stopped and its pipeline folder is written from its latest checkpoint (`--resume_from_checkpoint latest`
    with `max_train_steps` set to that step), so every run that checkpointed ends with a pipeline and oracle
    scores.
@@ -24,7 +25,7 @@ Steps, each logged:
    summary.json) and `summary.md` (what ran, wall times, oracle scores). The work folder is then removed.
 
 Flags default to environment variables: OUT, CONFIGS (space- or comma-separated), STEPS_FACTOR, BATCH_FACTOR,
-TIME_LIMIT_PER_RUN, TOTAL_TIME_LIMIT, TEST_TIME_LIMIT, BENCH_TIME_LIMIT, FINALIZE_TIME_LIMIT, NUM_THREADS,
+TIME_LIMIT_PER_RUN, TOTAL_TIME_LIMIT, TEST_TIME_LIMIT, BENCH_TIME_LIMIT, FINALIZE_TIME_LIMIT, NUM_THREADS, PARALLEL,
 WHEELS and TRAIN_ARGS (extra `--key value` overrides for every run).
 """
 
@@ -44,6 +45,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,7 @@ class Run:
     output_dir: Path
     overrides: list[str]
     target_steps: int
+    data: list[dict[str, Any]] = field(default_factory=list)  # the config's data settings (and curriculum data), for pre-rendering
     status: str = "not run"
     seconds: float = 0.0
     steps_done: int | None = None
@@ -133,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", default=_env("MIXED_PRECISION", "bf16"), choices=("no", "fp16", "bf16"))
     parser.add_argument("--wheels", default=_env("WHEELS", None), help="folder of wheels to install first (default .whl/ if present)")
     parser.add_argument("--train-arg", action="append", default=None, help="extra train.py override, e.g. --train-arg=--model.hidden_size=64")
+    parser.add_argument("--parallel", action="store_true", default=bool(_env("PARALLEL", "")),
+                        help="train the configs side by side, each with the whole budget (env PARALLEL)")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
@@ -354,7 +359,8 @@ def plan_run(config: str, args: argparse.Namespace, work: Path, taken: set[str],
     ]
     if values.get("validation_steps"):
         overrides += ["--validation_steps", str(max(1, round(int(values["validation_steps"]) * args.steps_factor)))]
-    return Run(name, str(path), output_dir, overrides + list(args.train_arg), steps)
+    data = [dict(values["data"])] + ([{**values["data"], **values["curriculum_data"]}] if values.get("curriculum_data") else [])
+    return Run(name, str(path), output_dir, overrides + list(args.train_arg), steps, data)
 
 
 def latest_checkpoint_step(checkpoint_dir: Path) -> int | None:
@@ -398,10 +404,30 @@ def read_results(run: Run) -> None:
         run.curve_last = points[-1] if points else {}
 
 
+def render_data_once(runs: list[Run]) -> None:
+    """Builds each distinct data cache here, one after another, before parallel runs read them: two processes that
+    build the same cache at once can crash a reader of the half-written Arrow file (SIGBUS, seen on a lent GPU)."""
+    from chronos_video.data import load_training_clips
+
+    done: list[dict[str, Any]] = []
+    for data in (d for run in runs for d in run.data):
+        if data not in done:
+            done.append(data)
+            load_training_clips(dict(data))
+
+
 def run_training(args: argparse.Namespace, env: dict[str, str], work: Path, logs: Path, budget: Budget) -> list[Run]:
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     taken: set[str] = set()
     runs = [plan_run(c, args, work, taken, tensorboard) for c in args.configs]
+    if args.parallel:  # tiny models leave a GPU mostly idle: side by side, every run gets the whole budget
+        render_data_once(runs)
+        limit = budget.left() - PACK_RESERVE_S
+        limit = min(limit, args.time_limit_per_run) if args.time_limit_per_run > 0 else limit
+        log(f"{len(runs)} runs side by side, {limit:.0f} s limit each")
+        with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+            list(pool.map(lambda run: train_one(run, env, logs, limit, min(args.finalize_time_limit, limit / 2)), runs))
+        return runs
     for i, run in enumerate(runs):
         share = (budget.left() - PACK_RESERVE_S) / (len(runs) - i)
         limit = min(share, args.time_limit_per_run) if args.time_limit_per_run > 0 else share
@@ -434,6 +460,7 @@ def write_summary(out: Path, args: argparse.Namespace, env_lines: list[str], che
     lines = [f"# chronos-video GPU run: {mode}", "", f"Command: `{shlex.join(['bash', 'training/gpu_run.sh', *sys.argv[1:]])}`",
              f"Total wall time: {time.time() - started:.0f} s (budget {args.total_time_limit:.0f} s). "
              f"Steps factor {args.steps_factor}, batch factor {args.batch_factor}, mixed precision {args.mixed_precision}, "
+             f"{'runs side by side' if args.parallel else 'runs one after another'}, "
              f"{args.num_threads} CPU thread(s) per run.", ""]
     if error:
         lines += ["**Stopped:** " + error, ""]
