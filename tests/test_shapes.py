@@ -293,3 +293,22 @@ def test_longest_clip_search_runs_once_per_frame_size():
     assert info.misses == 1 and info.hits >= 4
     for height, width in [(16, 16), (24, 20), (32, 32), (64, 48)]:
         assert max_num_frames(height, width) == shapes._longest_clip.__wrapped__(height, width)
+
+
+def test_clip_cache_is_renamed_into_place_whole(tmp_path):
+    """A cache folder appears only complete, and a second writer (another run that built the same clips) leaves the
+    first copy as it was: no process ever reads a half-written cache."""
+    from chronos_video.data import load_shapes_frames
+    from chronos_video.data.cached import _save_atomically, _settings_key
+    from chronos_video.data.shapes import build_shapes_dataset
+
+    settings = {"num_clips": 3, "num_frames": 4, "height": 16, "width": 16, "split": "train", "seed": 0}
+    frames, captions = load_shapes_frames({**settings, "cache_dir": str(tmp_path)})
+    cache = tmp_path / _settings_key(settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cache.name] and (cache / "dataset_info.json").is_file()
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    _save_atomically(build_shapes_dataset(**{**settings, "seed": 1}), cache)  # a late writer with other clips
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cache.name]
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+    again, again_captions = load_shapes_frames({**settings, "cache_dir": str(tmp_path)})
+    assert np.array_equal(again.numpy(), frames.numpy()) and again_captions == captions

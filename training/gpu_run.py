@@ -405,8 +405,8 @@ def read_results(run: Run) -> None:
 
 
 def render_data_once(runs: list[Run]) -> None:
-    """Builds each distinct data cache here, one after another, before parallel runs read them: two processes that
-    build the same cache at once can crash a reader of the half-written Arrow file (SIGBUS, seen on a lent GPU)."""
+    """Builds each distinct data cache here, once, before parallel runs start, instead of in every run that reads it
+    (concurrent builds are safe, the cache is renamed into place whole, but each would render every clip again)."""
     from chronos_video.data import load_training_clips
 
     done: list[dict[str, Any]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +31,17 @@ def _settings_key(settings: dict[str, Any]) -> str:
     )
 
 
+def _save_atomically(dataset, cache: Path) -> None:
+    """Saves `dataset` beside `cache` and renames it into place, so no process ever loads a half-written cache
+    (two training runs building one cache at once crashed a reader with SIGBUS); the first complete copy stays."""
+    partial = cache.with_name(f"{cache.name}.partial-{os.getpid()}")
+    dataset.save_to_disk(str(partial))
+    try:
+        partial.rename(cache)
+    except OSError:  # another process finished first: its copy holds the same clips
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def _cached_clips(build: Callable[..., Any], data: dict[str, Any], source: str) -> tuple[torch.Tensor, list[str]]:
     """`build(**data)` as one uint8 tensor (N, F, H, W, 3) plus captions, the dataset saved under `data["cache_dir"]`
     (default `~/.cache/chronos_video/{source}`) in a folder named by the settings, so it is built once."""
@@ -41,7 +53,7 @@ def _cached_clips(build: Callable[..., Any], data: dict[str, Any], source: str) 
         dataset = load_from_disk(str(cache))
     else:
         dataset = build(**data)
-        dataset.save_to_disk(str(cache))
+        _save_atomically(dataset, cache)
     # `datasets` hands Array4D back as int64; copy in chunks into uint8 so memory stays at 1 byte/pixel.
     frames = np.empty((len(dataset), *dataset.features["frames"].shape), dtype=np.uint8)
     reader = dataset.with_format("numpy", columns=["frames"])
