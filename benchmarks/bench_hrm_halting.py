@@ -3,7 +3,7 @@
 
     python benchmarks/bench_hrm_halting.py --pipeline pipelines/hrm-shapes [--num-prompts 64] [--steps 20]
         [--guidance-scale 4] [--seed 0] [--batch-size 8] [--threads 1] [--halt-thresholds 0.3 0.7 0.9]
-        [--single-segment-above-sigma 0.65] [--output halting.json]
+        [--single-segment-above-sigma 0.65] [--no-warm-start] [--output halting.json]
 
 An `HRMVideoPipeline` runs the backbone's recursion segment by segment at every sampling step. Two call
 arguments may shorten it: `halting` (each sample stops once its halting head fires, at most `max_segments`)
@@ -13,7 +13,7 @@ script samples the same held-out prompts with the same seeds (`evaluate_pipeline
 * **max segments**: `halting=False, warm_start=False`, every evaluation runs `max_segments` segments;
 * **halting**: `halting=True, warm_start=False` (the pipeline's default);
 * **warm start**: `halting=False, warm_start=True`;
-* **halting + warm start**: both;
+* **halting + warm start**: both (`--no-warm-start` leaves out the two warm-start rows);
 * with `--halt-thresholds`, one more halting row per value of the halting head's threshold (the model's own is 0.5);
 * with `--single-segment-above-sigma`, one more row per value: halting off, one segment per evaluation while the
   noise level is above the value and the maximum below it (the pipeline's `single_segment_above_sigma`).
@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra halting rows with the halting head's threshold set to each value (default: the model's only)")
     parser.add_argument("--single-segment-above-sigma", type=float, nargs="*", default=[],
                         help="extra rows, halting off: one segment per evaluation while sigma is above each value, the maximum below")
+    parser.add_argument("--no-warm-start", action="store_true", help="leave out the two warm-start rows")
     parser.add_argument("--output", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     for threshold in args.halt_thresholds:
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     extra = [(f"halting, threshold {t:g}", {"halting": True, "warm_start": False}, t) for t in args.halt_thresholds]
     extra += [(f"one segment above sigma {v:g}", {"halting": False, "warm_start": False, "single_segment_above_sigma": v}, default_threshold)
               for v in args.single_segment_above_sigma]
-    for name, setting, threshold in [(n, s, default_threshold) for n, s in SETTINGS] + extra:
+    settings = [(n, s, default_threshold) for n, s in SETTINGS if not (args.no_warm_start and s["warm_start"])]
+    for name, setting, threshold in settings + extra:
         pipe.transformer.register_to_config(halt_threshold=threshold)
         row = measure(pipe, args, name, setting, rows[0] if rows else None)
         row["halt_threshold"] = threshold

@@ -121,6 +121,10 @@ def test_hrm_halting_benchmark_counts_segments_per_setting(tmp_path, tiny_tokeni
     assert rows["max segments"]["mean_abs_pixel_diff"] == 0.0 and rows["warm start"]["mean_abs_pixel_diff"] > 0
     assert all(set(row["oracle"]) >= {"color", "direction", "all"} and row["seconds_per_video"] > 0 for row in rows.values())
     assert "| halting + warm start | 1.00 / 3 |" in result.stdout and "| setting | segments / step |" in result.stdout
+    short = subprocess.run([*command[:4], "--num-prompts", "1", "--batch-size", "1", "--steps", "1", "--no-warm-start", "--output", str(tmp_path / "short.json")],
+                           cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert short.returncode == 0, short.stderr[-2000:]
+    assert [row["setting"] for row in json.loads((tmp_path / "short.json").read_text())["rows"]] == ["max segments", "halting"]
 
 
 def test_hrm_halting_benchmark_rejects_a_non_hrm_pipeline(tmp_path, tiny_tokenizer):
@@ -191,3 +195,22 @@ def test_sampling_time_benchmark_times_every_pipeline_interleaved():
     assert 0 < fastest <= median
     missing = subprocess.run([sys.executable, script, "no/such/folder"], cwd=REPO, capture_output=True, text=True, env=env)
     assert missing.returncode != 0 and "no/such/folder" in missing.stderr
+
+
+def test_codebook_usage_benchmark_counts_codes_by_clip_count(tmp_path):
+    import importlib.util
+
+    from chronos_video.models.fsq_tokenizer import FSQVideoTokenizer
+
+    FSQVideoTokenizer(block_out_channels=(8, 16), norm_num_groups=4, levels=(3, 3)).save_pretrained(tmp_path / "tok")
+    spec = importlib.util.spec_from_file_location("bench_codebook_usage", REPO / "benchmarks" / "bench_codebook_usage.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--video_tokenizer", str(tmp_path / "tok"), "--clips", "1", "3", "--train_clips", "2",
+                         "--batch_size", "2", "--cache_dir", str(tmp_path / "cache"), "--output", str(tmp_path / "usage.json")])
+    usage = result["heldout_usage"]
+    assert sorted(usage) == [1, 3] and 0 < usage[1] <= usage[3] <= 1  # more clips can only add codes
+    assert result["codebook_size"] == 9 and 1 <= result["train_perplexity"] <= 9 and 0 < result["train_usage"] <= 1
+    assert json.loads((tmp_path / "usage.json").read_text())["heldout_usage"] == {"1": usage[1], "3": usage[3]}
+    with pytest.raises(SystemExit):
+        bench.main(["--video_tokenizer", str(tmp_path / "tok"), "--clips", "0"])

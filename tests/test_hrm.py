@@ -183,6 +183,20 @@ def test_deep_supervision_loss_and_halting_targets():
         deep_supervision_loss(HRMVideoModelOutput(sample=target), target)
 
 
+def test_velocity_change_halting_target_needs_no_flow_target():
+    # sample 0: the second segment flips the velocity (no loss gain, 200% change); sample 1: it barely moves it
+    target = torch.zeros(2, 1, 1, 1, 1)
+    first, second = torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 2.02])
+    output = HRMVideoModelOutput(sample=second.view(2, 1, 1, 1, 1), segment_samples=[first.view(2, 1, 1, 1, 1), second.view(2, 1, 1, 1, 1)],
+                                 halt_logits=torch.zeros(2, 2))
+    _, by_loss = deep_supervision_loss(output, target, halt_tau=0.05)
+    _, by_change = deep_supervision_loss(output, target, halt_tau=0.05, halt_criterion="velocity_change")
+    assert by_loss["halt_target_rate"] == 1.0  # neither lowers the loss by 5%
+    assert by_change["halt_target_rate"] == 0.5  # only sample 1 has converged (1% change)
+    with pytest.raises(ValueError, match="halt_criterion"):
+        deep_supervision_loss(output, target, halt_criterion="entropy")
+
+
 def test_halting_loss_trains_only_the_halting_head():
     # the halting BCE is a read-out: unchecked, its gradient on the shared (timestep + text) vector was
     # several times the flow loss's and slowed learning from the prompt (issue 12)
@@ -368,6 +382,27 @@ def test_smoke_config_trains_30_steps_into_a_loadable_pipeline(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     result = pipe(PROMPT, num_inference_steps=2)
     assert result.frames.shape == (1, 8, 16, 16, 3) and all(step["segments"][0] in (1, 2) for step in result.trace)
+
+
+def test_trainable_modules_refit_only_the_halting_head(tmp_path):
+    from safetensors.torch import load_file
+
+    train = load_train_module()
+    args = ["--config", str(ROOT / "training" / "configs" / "hrm_smoke.yaml"), "--report_to", "null", "--data.cache_dir", str(tmp_path / "cache"),
+            "--eval_num_prompts", "1", "--sample_prompts", "[]", "--max_train_steps", "2"]
+    base = train.main([*args, "--output_dir", str(tmp_path / "base")])
+    refit = train.main([*args, "--output_dir", str(tmp_path / "refit"), "--pretrained_pipeline", str(base), "--trainable_modules", "[halt_head]",
+                        "--deep_supervision.halt_criterion", "velocity_change", "--learning_rate", "0.1"])
+    for component in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        before, after = load_file(str(base / component)), load_file(str(refit / component))
+        changed = {key for key in before if not torch.equal(before[key], after[key])}
+        assert changed == ({"halt_head.proj.weight", "halt_head.proj.bias"} if component.startswith("transformer") else set()), component
+    with pytest.raises(ValueError, match="trainable_modules.*halt_hed"):
+        train.main([*args, "--output_dir", str(tmp_path / "bad"), "--pretrained_pipeline", str(base), "--trainable_modules", "[halt_hed]"])
+    with pytest.raises(ValueError, match="pretrained_pipeline"):
+        train.main([*args, "--output_dir", str(tmp_path / "bad"), "--trainable_modules", "[halt_head]"])
+    with pytest.raises(ValueError, match="halt_criterion"):
+        train.main([*args, "--output_dir", str(tmp_path / "bad"), "--deep_supervision.halt_criterion", "entropy"])
 
 
 def test_smoke_config_trains_and_resumes_exactly(tmp_path):

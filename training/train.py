@@ -45,7 +45,14 @@ with quiet_backend_imports():  # accelerate, diffusers and peft import the optio
     from chronos_video.model_card import hardware_description, save_sample_gif, write_model_card
     from chronos_video.registry import get_architecture
     from chronos_video.training_ar import AR_ARCHITECTURES, train_autoregressive
-    from chronos_video.training_builders import TextToVideoModule, TrainingObjective, build_backbone, build_pipeline, build_text_model
+    from chronos_video.training_builders import (
+        TextToVideoModule,
+        TrainingObjective,
+        build_backbone,
+        build_pipeline,
+        build_text_model,
+        freeze_except,
+    )
     from chronos_video.training_config import TrainConfig
     from chronos_video.training_config import parse_config as _parse_config
     from chronos_video.training_utils import (
@@ -180,6 +187,8 @@ def main(argv: list[str] | None = None) -> Path:
         transformer.add_adapter(
             LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, init_lora_weights="gaussian", target_modules=config.lora_target_modules)
         )
+    if config.trainable_modules is not None:
+        freeze_except(transformer, config.trainable_modules)
     if not config.text_encoder_trainable:
         text_encoder.requires_grad_(False)
     if config.gradient_checkpointing:

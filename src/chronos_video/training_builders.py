@@ -22,6 +22,7 @@ __all__ = [
     "build_backbone",
     "build_pipeline",
     "build_text_model",
+    "freeze_except",
     "load_pretrained_text_model",
 ]
 
@@ -67,13 +68,18 @@ class TrainingObjective:
             raise ValueError("`objective: direct` regresses the clean video: the backbone needs `prediction_type='sample'`.")
         self.deep_supervision: dict[str, Any] | None = None
         if getattr(transformer, "_supports_deep_supervision", False):
-            settings = {"segments": transformer.config.max_segments, "halt_tau": 0.01, "halt_loss_weight": 0.5, **config.deep_supervision}
+            settings = {"segments": transformer.config.max_segments, "halt_tau": 0.01, "halt_loss_weight": 0.5, "halt_criterion": "loss",
+                        **config.deep_supervision}
             segments = settings["segments"]
             if not isinstance(segments, int) or isinstance(segments, bool) or segments < 1:
                 raise ValueError(f"`deep_supervision.segments` must be a positive integer, got {segments!r}.")
             for key in ("halt_tau", "halt_loss_weight"):
                 if not isinstance(settings[key], (int, float)) or settings[key] < 0:
                     raise ValueError(f"`deep_supervision.{key}` must be a non-negative number, got {settings[key]!r}.")
+            from .models.hrm_video import HALT_CRITERIA
+
+            if settings["halt_criterion"] not in HALT_CRITERIA:
+                raise ValueError(f"`deep_supervision.halt_criterion` must be one of {list(HALT_CRITERIA)}, got {settings['halt_criterion']!r}.")
             self.deep_supervision = settings
 
     def noise_levels(self, sigmas: torch.Tensor) -> torch.Tensor:
@@ -98,7 +104,23 @@ class TrainingObjective:
         return deep_supervision_loss(
             prediction, target, sigmas, self.weighting_scheme,
             halt_tau=float(self.deep_supervision["halt_tau"]), halt_loss_weight=float(self.deep_supervision["halt_loss_weight"]),
+            halt_criterion=self.deep_supervision["halt_criterion"],
         )
+
+
+def freeze_except(model: torch.nn.Module, module_names: list[str]) -> list[str]:
+    """Freeze `model` except the named submodules (`trainable_modules`): the cheap way to refit one part,
+    e.g. the halting head of a trained HRM backbone, without touching what the rest has learned.
+    Returns the names of the parameters left trainable."""
+    modules = dict(model.named_modules())
+    missing = [name for name in module_names if name not in modules or name == ""]
+    if missing:
+        heads = sorted({name.split(".")[0] for name in modules if name})
+        raise ValueError(f"`trainable_modules` names {missing}, which {type(model).__name__} does not have; its top-level modules are {heads}.")
+    model.requires_grad_(False)
+    for name in module_names:
+        modules[name].requires_grad_(True)
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
 def load_pretrained_text_model(path: str, max_length: int):

@@ -18,7 +18,7 @@ from .import_utils import quiet_backend_imports
 
 __all__ = ["DEEP_SUPERVISION_KEYS", "OBJECTIVES", "TrainConfig", "parse_config"]
 
-DEEP_SUPERVISION_KEYS = frozenset({"segments", "halt_tau", "halt_loss_weight"})
+DEEP_SUPERVISION_KEYS = frozenset({"segments", "halt_tau", "halt_loss_weight", "halt_criterion"})
 # "flow": rectified flow (every shipped pipeline). "direct": the TTV-HRM seed's objective, MSE of the
 # clean video predicted from pure noise at sigma = 1 (see `TrainingObjective`).
 OBJECTIVES: tuple[str, ...] = ("flow", "direct")
@@ -52,7 +52,8 @@ class TrainConfig:
     scheduler: dict[str, Any] = field(default_factory=lambda: {"shift": 1.0, "solver": "euler"})
     # Recursive backbones (architecture "hrm"): deep supervision over `segments` segments (default: the
     # model's max_segments) with the carry detached, plus the halting BCE of weight `halt_loss_weight` on
-    # "the next segment lowers the flow loss by less than the fraction `halt_tau`".
+    # "the next segment lowers the flow loss by less than the fraction `halt_tau`" (`halt_criterion: loss`)
+    # or "changes the predicted velocity by less than the fraction `halt_tau`" (`velocity_change`).
     deep_supervision: dict[str, Any] = field(default_factory=dict)
     # "flow" (rectified flow, sigma drawn per sample) or "direct": every sample at sigma = 1, i.e. MSE
     # regression of the clean video from text (the input is pure noise, which carries no information
@@ -97,6 +98,9 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float | None = None
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out"])
+    # Fine-tune only these submodules of the pretrained backbone (names as in `named_modules()`, e.g.
+    # `halt_head`); everything else, the text encoder included, stays frozen.
+    trainable_modules: list[str] | None = None
     # checkpoints, logging, validation
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
@@ -128,7 +132,10 @@ class TrainConfig:
     @property
     def text_encoder_trainable(self) -> bool:
         """Whether the text encoder trains with the backbone: a pretrained one (`text_encoder.pretrained`)
-        stays frozen unless `text_encoder.trainable: true`; a new one follows `train_text_encoder`."""
+        stays frozen unless `text_encoder.trainable: true`; a new one follows `train_text_encoder`;
+        with `trainable_modules` only those backbone modules train."""
+        if self.trainable_modules is not None:
+            return False
         if self.text_encoder.get("pretrained"):
             return bool(self.text_encoder.get("trainable", False))
         return self.train_text_encoder
@@ -156,6 +163,13 @@ class TrainConfig:
             raise ValueError(f"`checkpointing_steps` must be >= 1, got {self.checkpointing_steps}.")
         if self.lora_rank and not self.pretrained_pipeline:
             raise ValueError("`lora_rank` > 0 fine-tunes a trained pipeline: set `pretrained_pipeline` too.")
+        if self.trainable_modules is not None:
+            if not self.pretrained_pipeline:
+                raise ValueError("`trainable_modules` fine-tunes parts of a trained pipeline: set `pretrained_pipeline` too.")
+            if self.lora_rank:
+                raise ValueError("`trainable_modules` and `lora_rank` are two ways to fine-tune; pick one.")
+            if not self.trainable_modules or not all(isinstance(name, str) and name for name in self.trainable_modules):
+                raise ValueError(f"`trainable_modules` must be a non-empty list of module names, got {self.trainable_modules!r}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id`.")
         from .data.cached import DATA_TYPES

@@ -11,7 +11,7 @@ where x are the embedded noisy tubelets; the output head reads z_H. Segments rep
 `max_segments`) from the carry (z_H, z_L) of the previous one; a halting head on z_H says when another
 segment is not worth its cost, per sample. Training uses deep supervision: every segment's velocity is
 supervised, the carry is detached between segments, and the halting head learns (by BCE) whether the
-next segment would still improve the flow loss (`deep_supervision_loss`).
+next segment would still improve the flow loss, or still change the velocity (`deep_supervision_loss`).
 """
 
 from __future__ import annotations
@@ -31,11 +31,16 @@ from ..flow_matching import velocity_mse
 from .backbone import VideoBackboneMixin, run_checkpointed
 from .transformer_nanosora import NanoSoraBlock, NanoSoraTransformer3DModel
 
-__all__ = ["GRADIENT_MODES", "HRMCarry", "HRMVideoModel", "HRMVideoModelOutput", "deep_supervision_loss"]
+__all__ = ["GRADIENT_MODES", "HALT_CRITERIA", "HRMCarry", "HRMVideoModel", "HRMVideoModelOutput", "deep_supervision_loss"]
 
 # "one_step": HRM's approximation, only the last L and the last H update of a segment are differentiated.
 # "full_recursion": TRM's, the whole last H cycle (its `l_cycles` L updates and the H update) is.
 GRADIENT_MODES: tuple[str, ...] = ("one_step", "full_recursion")
+# What "the next segment is not worth it" means for the halting target (`deep_supervision_loss`):
+# "loss": it lowers the flow loss by less than the fraction halt_tau (HRM/TRM's "is the answer better");
+# "velocity_change": it changes the predicted velocity by less than the fraction halt_tau (the recursion
+# has converged; no target needed, so the noise in the flow target does not enter the label).
+HALT_CRITERIA: tuple[str, ...] = ("loss", "velocity_change")
 
 
 class HRMCarry(NamedTuple):
@@ -292,13 +297,18 @@ def deep_supervision_loss(
     weighting_scheme: str = "logit_normal",
     halt_tau: float = 0.01,
     halt_loss_weight: float = 0.5,
+    halt_criterion: str = "loss",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Flow loss averaged over the segments of a `deep_supervision=True` forward, plus the halting BCE.
 
     The halting target after segment s is 1 ("stop") when segment s + 1 lowers that sample's flow loss
-    by less than the fraction `halt_tau`, measured on this very batch (no second forward pass, as in
-    TRM). The last segment has no successor and no halting target. Returns (loss, float statistics).
+    by less than the fraction `halt_tau` (`halt_criterion="loss"`), or changes its predicted velocity by
+    less than that fraction (RMS of the change over RMS of the new velocity, `"velocity_change"`),
+    measured on this very batch (no second forward pass, as in TRM). The last segment has no successor
+    and no halting target. Returns (loss, float statistics).
     """
+    if halt_criterion not in HALT_CRITERIA:
+        raise ValueError(f"`halt_criterion` must be one of {list(HALT_CRITERIA)}, got {halt_criterion!r}.")
     if not output.segment_samples:
         raise ValueError("`output` has no `segment_samples`; run the model with `deep_supervision=True`.")
     per_sample = torch.stack([velocity_mse(sample, target) for sample in output.segment_samples], dim=1)  # (B, S)
@@ -312,8 +322,14 @@ def deep_supervision_loss(
     loss = flow + 0.0 * output.halt_logits.sum() if output.halt_logits is not None else flow
     if per_sample.shape[1] > 1 and halt_loss_weight > 0:
         with torch.no_grad():
-            before, after = per_sample[:, :-1], per_sample[:, 1:]
-            halt_target = ((before - after) / before.clamp_min(1e-12) < halt_tau).float()
+            if halt_criterion == "loss":
+                before, after = per_sample[:, :-1], per_sample[:, 1:]
+                change = (before - after) / before.clamp_min(1e-12)
+            else:
+                samples = [sample.detach().float() for sample in output.segment_samples]
+                change = torch.stack([velocity_mse(new, old) / velocity_mse(new, torch.zeros_like(new)).clamp_min(1e-12)
+                                      for old, new in zip(samples[:-1], samples[1:])], dim=1).sqrt()
+            halt_target = (change < halt_tau).float()
         logits = output.halt_logits[:, :-1]
         halt = F.binary_cross_entropy_with_logits(logits, halt_target)
         loss = flow + halt_loss_weight * halt

@@ -28,9 +28,9 @@ class HRMVideoPipeline(FlowVideoPipeline):
             model, trained from zero carries, lost 25 points of "all five" with it; `bench_hrm_halting.py`).
         max_segments: most segments per evaluation (default: the backbone config's).
         single_segment_above_sigma: evaluations at noise levels sigma above this run one segment; at or below
-            it, up to `max_segments` (halting as set). The learned halting head of the shipped model stops in
-            the last, low-noise steps, where the second segment sharpens the shape; at high noise one segment
-            is enough (`bench_hrm_halting.py --single-segment-above-sigma`). Default None: no such limit.
+            it, up to `max_segments` (halting as set): a fixed schedule, for heads that halt in the wrong steps
+            (at high noise one segment is enough for the shipped model, at low noise the second sharpens the
+            shape; `bench_hrm_halting.py --single-segment-above-sigma`). Default None: no such limit.
 
     Every `trace` entry gains `segments` (one count per video of the conditional batch) and, under
     classifier-free guidance, `segments_unconditional`.
