@@ -401,6 +401,8 @@ def test_trainable_modules_refit_only_the_halting_head(tmp_path):
         train.main([*args, "--output_dir", str(tmp_path / "bad"), "--pretrained_pipeline", str(base), "--trainable_modules", "[halt_hed]"])
     with pytest.raises(ValueError, match="pretrained_pipeline"):
         train.main([*args, "--output_dir", str(tmp_path / "bad"), "--trainable_modules", "[halt_head]"])
+    with pytest.raises(ValueError, match="list of module names"):  # a bare string would be read letter by letter
+        train.main([*args, "--output_dir", str(tmp_path / "bad"), "--pretrained_pipeline", str(base), "--trainable_modules", "halt_head"])
     with pytest.raises(ValueError, match="halt_criterion"):
         train.main([*args, "--output_dir", str(tmp_path / "bad"), "--deep_supervision.halt_criterion", "entropy"])
 

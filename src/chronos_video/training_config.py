@@ -168,7 +168,8 @@ class TrainConfig:
                 raise ValueError("`trainable_modules` fine-tunes parts of a trained pipeline: set `pretrained_pipeline` too.")
             if self.lora_rank:
                 raise ValueError("`trainable_modules` and `lora_rank` are two ways to fine-tune; pick one.")
-            if not self.trainable_modules or not all(isinstance(name, str) and name for name in self.trainable_modules):
+            names = self.trainable_modules
+            if not isinstance(names, (list, tuple)) or not names or not all(isinstance(name, str) and name for name in names):
                 raise ValueError(f"`trainable_modules` must be a non-empty list of module names, got {self.trainable_modules!r}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id`.")
