@@ -57,6 +57,11 @@ def test_evaluate_prints_the_oracle_table(saved_pipeline, tmp_path, capsys):
     assert "| color |" in capsys.readouterr().out
     scores = json.loads(scores_path.read_text())
     assert scores["n"] == 3 and 0.0 <= scores["all"] <= 1.0
+    assert main(["evaluate", "--pipeline", str(saved_pipeline), "--num-prompts", "6", "--steps", "1", "--by-pairing", "--json", str(scores_path)]) == 0
+    assert "| held-out pairing: " in capsys.readouterr().out
+    by_pairing = json.loads(scores_path.read_text())["by_pairing"]
+    # every held-out prompt matches at least one pairing, and each row scores only its own prompts
+    assert by_pairing and sum(row["n"] for row in by_pairing.values()) >= 6 and all(row["n"] <= 6 for row in by_pairing.values())
 
 
 def test_calibrate_stores_a_schedule_usable_as_precision_calibrated(saved_pipeline, tmp_path):

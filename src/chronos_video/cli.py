@@ -140,6 +140,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     steps = options.pop("num_inference_steps", None)
     if args.fvd:  # real clips for FVD-local are placed as the pipeline's training clips were
         options.update(fvd=True, start_spread=_start_spread(args))
+    if args.by_pairing:
+        options["by_pairing"] = True
     scores, table = evaluate_pipeline(
         pipe, num_prompts=args.num_prompts, num_inference_steps=steps, guidance_scale=args.guidance_scale,
         seed=args.seed, batch_size=args.batch_size, **options,
@@ -240,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--fvd", action="store_true",
         help="also report FVD-local (our shapes 3D-CNN features, not comparable to I3D-FVD) beside its real-vs-real "
         "floor (real clips with the same captions), both against real clips of other held-out prompts",
+    )
+    evaluate.add_argument(
+        "--by-pairing", action="store_true",
+        help="also score the videos of each held-out pairing (e.g. red triangles) apart: which unseen combination fails",
     )
     evaluate.add_argument(
         "--start-spread", type=float, default=None,

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..data import heldout_prompts
-from ..data.shapes import ATTRIBUTE_NAMES, ShapeAttributes, _restricted_combinations
+from ..data.shapes import ATTRIBUTE_NAMES, HELDOUT_COMBINATIONS, ShapeAttributes, _restricted_combinations
 from .oracle import ShapesOracle, format_oracle_table
 
 
@@ -39,6 +39,7 @@ def evaluate_pipeline(
     prompts: Sequence[tuple[str, ShapeAttributes]] | None = None,
     fvd: bool = False,
     start_spread: float = 1.0,
+    by_pairing: bool = False,
     **pipeline_kwargs: Any,
 ) -> tuple[dict[str, float], str]:
     """Generates one video per held-out prompt and returns (oracle scores, markdown table).
@@ -52,6 +53,10 @@ def evaluate_pipeline(
     the score of real clips with the same captions; both against real clips of another draw of
     held-out prompts (of the same prompts, when `prompts` is given), placed with `start_spread`
     (use the pipeline's training value).
+
+    `by_pairing=True` adds `scores["by_pairing"]`: the oracle scores of the videos of each held-out pairing
+    (`HELDOUT_COMBINATIONS`, e.g. "red triangle"; a prompt can match two) and a row per pairing in the
+    table, to see which unseen combination a model fails on.
     """
     if num_prompts < 1:
         raise ValueError(f"`num_prompts` must be >= 1, got {num_prompts}.")
@@ -75,8 +80,13 @@ def evaluate_pipeline(
         )
         videos.extend(list(output.frames))
     height, width = videos[0].shape[1:3]
-    scores = ShapesOracle(height=height, width=width).score(videos, [attrs for _, attrs in prompts])
+    oracle = ShapesOracle(height=height, width=width)
+    scores = oracle.score(videos, [attrs for _, attrs in prompts])
     table = format_oracle_table({label: scores})
+    if by_pairing:
+        scores["by_pairing"] = _scores_by_pairing(oracle, videos, [attrs for _, attrs in prompts])
+        if scores["by_pairing"]:
+            table += "\n\n" + format_oracle_table({f"held-out pairing: {name}": row for name, row in scores["by_pairing"].items()})
     if fvd:
         from .fvd_local import format_fvd_table, fvd_local_with_floor
 
@@ -87,6 +97,16 @@ def evaluate_pipeline(
         scores.update(fvd_scores)
         table += "\n\n" + format_fvd_table(fvd_scores)
     return scores, table
+
+
+def _scores_by_pairing(oracle: ShapesOracle, videos: list[np.ndarray], labels: list[ShapeAttributes]) -> dict[str, dict[str, float]]:
+    """Oracle scores of the videos whose prompt matches each held-out pairing (pairings without videos left out)."""
+    rows = {}
+    for combination in HELDOUT_COMBINATIONS:
+        chosen = [i for i, attrs in enumerate(labels) if all(getattr(attrs, key) == value for key, value in combination.items())]
+        if chosen:
+            rows[" ".join(combination.values())] = oracle.score([videos[i] for i in chosen], [labels[i] for i in chosen])
+    return rows
 
 
 @torch.no_grad()
