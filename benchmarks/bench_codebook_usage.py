@@ -52,13 +52,15 @@ def code_counts(tokenizer, clips: torch.Tensor, batch_size: int, checkpoints: li
     usage, wanted = {}, set(checkpoints or [])
     for start in range(0, clips.shape[0], batch_size):
         stop = min(start + batch_size, clips.shape[0])
-        codes = tokenizer.encode(frames_to_model_input(clips[start:stop]).to(tokenizer.device))
-        per_clip = codes.flatten(1).cpu()
-        for offset in range(per_clip.shape[0]):
-            counts += torch.bincount(per_clip[offset], minlength=tokenizer.codebook_size)
-            seen = start + offset + 1
-            if seen in wanted:
-                usage[seen] = float((counts > 0).float().mean())
+        codes = tokenizer.encode(frames_to_model_input(clips[start:stop]).to(tokenizer.device)).flatten(1).cpu()
+        # split the batch where a checkpoint count falls inside it
+        cuts = sorted(n - start for n in wanted if start < n <= stop)
+        first = 0
+        for cut in cuts:
+            counts += torch.bincount(codes[first:cut].flatten(), minlength=tokenizer.codebook_size)
+            usage[start + cut] = float((counts > 0).float().mean())
+            first = cut
+        counts += torch.bincount(codes[first:].flatten(), minlength=tokenizer.codebook_size)
     return counts, usage
 
 
@@ -72,11 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
     geometry = {"num_frames": 16, "height": 32, "width": 32}
     cache = {"cache_dir": args.cache_dir} if args.cache_dir else {}
     heldout, _ = load_shapes_frames({**geometry, **cache, "num_clips": max(args.clips), "split": "heldout", "seed": 1})
-    _, usage = code_counts(tokenizer, heldout, args.batch_size, args.clips)
+    counts, usage = code_counts(tokenizer, heldout, args.batch_size, args.clips)
+    tokens_per_clip = int(counts.sum()) // heldout.shape[0]
     result = {"video_tokenizer": args.video_tokenizer, "codebook_size": tokenizer.codebook_size, "heldout_usage": usage}
     print(f"{Path(args.video_tokenizer)}: codebook of {tokenizer.codebook_size} codes")
     print("| held-out clips | tokens | codebook usage |\n|---:|---:|---:|")
-    tokens_per_clip = int(tokenizer.encode(torch.zeros(1, 3, *geometry.values(), device=tokenizer.device)).numel())
     for count, share in sorted(usage.items()):
         print(f"| {count} | {count * tokens_per_clip} | {share:.1%} |")
     if args.train_clips:

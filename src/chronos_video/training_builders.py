@@ -108,10 +108,9 @@ class TrainingObjective:
         )
 
 
-def freeze_except(model: torch.nn.Module, module_names: list[str]) -> list[str]:
+def freeze_except(model: torch.nn.Module, module_names: list[str]) -> None:
     """Freeze `model` except the named submodules (`trainable_modules`): the cheap way to refit one part,
-    e.g. the halting head of a trained HRM backbone, without touching what the rest has learned.
-    Returns the names of the parameters left trainable."""
+    e.g. the halting head of a trained HRM backbone, without touching what the rest has learned."""
     modules = dict(model.named_modules())
     missing = [name for name in module_names if name not in modules or name == ""]
     if missing:
@@ -120,7 +119,6 @@ def freeze_except(model: torch.nn.Module, module_names: list[str]) -> list[str]:
     model.requires_grad_(False)
     for name in module_names:
         modules[name].requires_grad_(True)
-    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
 def load_pretrained_text_model(path: str, max_length: int):

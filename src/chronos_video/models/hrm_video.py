@@ -326,9 +326,9 @@ def deep_supervision_loss(
                 before, after = per_sample[:, :-1], per_sample[:, 1:]
                 change = (before - after) / before.clamp_min(1e-12)
             else:
-                samples = [sample.detach().float() for sample in output.segment_samples]
-                change = torch.stack([velocity_mse(new, old) / velocity_mse(new, torch.zeros_like(new)).clamp_min(1e-12)
-                                      for old, new in zip(samples[:-1], samples[1:])], dim=1).sqrt()
+                samples = [sample.detach().float().flatten(1) for sample in output.segment_samples]
+                change = torch.stack([(new - old).norm(dim=1) / new.norm(dim=1).clamp_min(1e-12)
+                                      for old, new in zip(samples[:-1], samples[1:])], dim=1)
             halt_target = (change < halt_tau).float()
         logits = output.halt_logits[:, :-1]
         halt = F.binary_cross_entropy_with_logits(logits, halt_target)
