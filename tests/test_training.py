@@ -120,6 +120,10 @@ def test_config_overrides_and_errors(train, tmp_path):
         train.parse_config(["--config", str(SMOKE), "--architecture", "unknown"])
     with pytest.raises(ValueError, match="pretrained_pipeline"):
         train.parse_config(["--config", str(SMOKE), "--lora_rank", "4"])
+    # refused before training, not after it when the final evaluation would run
+    for option, value in (("--eval_num_prompts", "0"), ("--eval_num_inference_steps", "0"), ("--validation_num_prompts", "-1")):
+        with pytest.raises(ValueError, match=option.lstrip("-")):
+            train.parse_config(["--config", str(SMOKE), option, value])
 
 
 def test_exponent_numbers_without_a_decimal_point_are_numbers(train, tmp_path):

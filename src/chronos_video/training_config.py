@@ -161,6 +161,13 @@ class TrainConfig:
             raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}.")
         if self.checkpointing_steps < 1:
             raise ValueError(f"`checkpointing_steps` must be >= 1, got {self.checkpointing_steps}.")
+        # checked here, not after training: the final evaluation runs once the weights are already saved
+        for name in ("eval_num_prompts", "eval_num_inference_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        for name in ("validation_steps", "validation_num_prompts", "validation_swap_gap_clips"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.lora_rank and not self.pretrained_pipeline:
             raise ValueError("`lora_rank` > 0 fine-tunes a trained pipeline: set `pretrained_pipeline` too.")
         if self.trainable_modules is not None:
