@@ -87,6 +87,8 @@ def worker(spec: dict) -> None:
         if name not in models:
             torch.manual_seed(0)  # "chronos" and "chronos-gate" get identical weights
             models[name] = build_model(name, spec["width"], spec["depth"], spec["heads"])
+            if spec.get("gradient_checkpointing"):  # diffusers' block-level recomputation in the backward
+                models[name].enable_gradient_checkpointing()
         model = models[name]
         grid_f, grid_h, grid_w = job["grid"]
         tokens = grid_f * grid_h * grid_w

@@ -19,7 +19,8 @@ itself held (Linux only). bf16 rows give bf16 inputs: the SSD
 scan runs its matmuls in bf16 (decays in float32); the selective scan and the loop compute in float32.
 
 Whole model (`--mode model`): Chronos-V (SSD scan with per-head or shared rotation, selective scan; no wavelet gate) and Nano-Sora at the same
-width, depth and tubelet size, forward+backward (float32, or `--autocast bf16` as the training recipes),
+width, depth and tubelet size, forward+backward (float32, or `--autocast bf16` as the training recipes; with
+`--gradient_checkpointing` every model recomputes its blocks in the backward),
 through `bench_scaling.py`'s worker (peak = growth of `ru_maxrss`): time(16N)/time(N) and the measured crossover.
 
 Timings on a shared machine are noisy; compare within one run.
@@ -197,12 +198,14 @@ def model_table(args) -> None:
     for name in args.models:
         jobs = [dict(model=name, grid=bench_scaling.GRIDS[tokens], mode="train") for tokens in args.tokens]
         spec = dict(jobs=jobs, width=args.width, depth=args.depth, heads=args.attention_heads, threads=args.threads,
-                    repeats=args.repeats, budget_s=args.budget_s, memory_fraction=args.memory_fraction, autocast=args.autocast)
+                    repeats=args.repeats, budget_s=args.budget_s, memory_fraction=args.memory_fraction, autocast=args.autocast,
+                    gradient_checkpointing=args.gradient_checkpointing)
         results[name] = dict(zip(args.tokens, bench_scaling.run_worker(spec, args.timeout_s)))
 
     names = list(args.models)
     print(f"\n### Whole model, forward+backward: width {args.width}, depth {args.depth}, batch 1, patch {bench_scaling.PATCH}, "
-          f"{args.threads} thread(s), {'bf16 autocast' if args.autocast == 'bf16' else 'float32'}\n")
+          f"{args.threads} thread(s), {'bf16 autocast' if args.autocast == 'bf16' else 'float32'}"
+          f"{', block-level gradient checkpointing' if args.gradient_checkpointing else ''}\n")
     print("| tokens | " + " | ".join(f"{MODEL_NAMES[n]} s" for n in names) + " | " + " | ".join(f"{MODEL_NAMES[n]} peak MB" for n in names) + " |")
     print("|---:|" + "---:|" * (2 * len(names)))
     for tokens in args.tokens:
@@ -258,6 +261,8 @@ def main() -> None:
     model.add_argument("--depth", type=int, default=2)
     model.add_argument("--attention_heads", type=int, default=2)
     model.add_argument("--autocast", choices=("none", "bf16"), default="none", help="bf16: CPU autocast, as the training recipes")
+    model.add_argument("--gradient_checkpointing", action="store_true",
+                       help="every model recomputes its blocks in the backward (enable_gradient_checkpointing): less memory, more time")
     model.add_argument("--memory_fraction", type=float, default=0.7, help="skip a size whose extrapolated peak exceeds this share of free RAM")
     parser.add_argument("--op-worker", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

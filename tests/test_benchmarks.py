@@ -78,6 +78,10 @@ def test_ssd_benchmark_quick_mode_prints_both_tables():
         assert row in result.stdout, row
     assert "| 256 | " in result.stdout.split("### Whole model")[1] and "error" not in result.stdout
     assert "Crossover:" in result.stdout
+    checkpointed = subprocess.run(command + ["--mode", "model", "--gradient_checkpointing"], cwd=REPO, capture_output=True, text=True,
+                                  env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert checkpointed.returncode == 0, checkpointed.stderr[-2000:]
+    assert "block-level gradient checkpointing" in checkpointed.stdout and "| 256 | " in checkpointed.stdout
 
 
 def make_tiny_hrm_folder(tokenizer, folder: Path, halt: bool) -> Path:
