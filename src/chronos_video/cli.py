@@ -140,11 +140,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     steps = options.pop("num_inference_steps", None)
     if args.fvd:  # real clips for FVD-local are placed as the pipeline's training clips were
         options.update(fvd=True, start_spread=_start_spread(args))
-    if args.by_pairing:
-        options["by_pairing"] = True
     scores, table = evaluate_pipeline(
         pipe, num_prompts=args.num_prompts, num_inference_steps=steps, guidance_scale=args.guidance_scale,
-        seed=args.seed, batch_size=args.batch_size, **options,
+        seed=args.seed, batch_size=args.batch_size, by_pairing=args.by_pairing, **options,
     )
     print(table)
     if args.json:

@@ -80,11 +80,11 @@ def evaluate_pipeline(
         )
         videos.extend(list(output.frames))
     height, width = videos[0].shape[1:3]
-    oracle = ShapesOracle(height=height, width=width)
-    scores = oracle.score(videos, [attrs for _, attrs in prompts])
+    oracle, attributes = ShapesOracle(height=height, width=width), [attrs for _, attrs in prompts]
+    scores = oracle.score(videos, attributes)
     table = format_oracle_table({label: scores})
     if by_pairing:
-        scores["by_pairing"] = _scores_by_pairing(oracle, videos, [attrs for _, attrs in prompts])
+        scores["by_pairing"] = _scores_by_pairing(oracle, videos, attributes)
         if scores["by_pairing"]:
             table += "\n\n" + format_oracle_table({f"held-out pairing: {name}": row for name, row in scores["by_pairing"].items()})
     if fvd:
@@ -92,7 +92,7 @@ def evaluate_pipeline(
 
         reference = heldout_prompts(len(prompts), seed=seed + 1) if held_out else prompts
         fvd_scores = fvd_local_with_floor(
-            np.stack(videos), [attrs for _, attrs in prompts], [attrs for _, attrs in reference], seed=seed, start_spread=start_spread
+            np.stack(videos), attributes, [attrs for _, attrs in reference], seed=seed, start_spread=start_spread
         )
         scores.update(fvd_scores)
         table += "\n\n" + format_fvd_table(fvd_scores)
