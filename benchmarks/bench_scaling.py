@@ -19,8 +19,11 @@ Timings on a shared machine are noisy; compare ratios within one run, not across
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -55,6 +58,38 @@ def build_model(name: str, width: int, depth: int, heads: int, **extra):
     if name == "chronos-ssd-shared":  # ... with one rotation for all heads (B and C turned once)
         return ChronosMambaModel(**common, use_wavelet_gate=False, scan_type="ssd", scan_rotation="shared", **extra)
     return NanoSoraTransformer3DModel(**common)
+
+
+HELD_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def held_peak_mb(fn) -> float:
+    """Peak resident memory the call adds (VmHWM after a reset, minus VmRSS before), in MB (Linux).
+
+    Run it in a process started with `HELD_MEMORY_ENV` (glibc hands every block of 64 KiB or more back to the
+    OS when freed), so the peak is what the call held at once, not what the allocator kept cached.
+
+    Freed heap pages of earlier runs (many small autograd buffers) are handed back first (`malloc_trim`), so
+    the run cannot reuse resident memory that the baseline already counts.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the mmap threshold alone
+        pass
+    base = _status_mb("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets VmHWM to the current resident set
+    fn()
+    return _status_mb("VmHWM:") - base
 
 
 def rss_mb() -> float:
@@ -118,6 +153,10 @@ def worker(spec: dict) -> None:
                     sample = model(video, timestep, text).sample
                 sample.float().square().mean().backward()
 
+        if spec.get("held_memory"):  # a process started with HELD_MEMORY_ENV: memory only, no timing
+            step()
+            print(json.dumps({"tokens": tokens, "held_mb": held_peak_mb(step)}), flush=True)
+            continue
         if baseline is None:
             baseline = rss_mb()
         start = time.perf_counter()
@@ -138,10 +177,12 @@ def worker(spec: dict) -> None:
 
 
 def run_worker(spec: dict, timeout: float) -> list[dict]:
-    """Runs `worker` in a subprocess; returns one result per job (an error entry for jobs that did not finish)."""
+    """Runs `worker` in a subprocess; returns one result per job (an error entry for jobs that did not finish).
+    With `spec["held_memory"]` the subprocess gets `HELD_MEMORY_ENV` and measures `held_peak_mb` instead of timing."""
     command = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    env = dict(os.environ, **HELD_MEMORY_ENV) if spec.get("held_memory") else None
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
         stdout, failure = proc.stdout, None
         if proc.returncode != 0:
             failure = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]

@@ -20,8 +20,10 @@ scan runs its matmuls in bf16 (decays in float32); the selective scan and the lo
 
 Whole model (`--mode model`): Chronos-V (SSD scan with per-head or shared rotation, selective scan; no wavelet gate) and Nano-Sora at the same
 width, depth and tubelet size, forward+backward (float32, or `--autocast bf16` as the training recipes; with
-`--gradient_checkpointing` every model recomputes its blocks in the backward),
-through `bench_scaling.py`'s worker (peak = growth of `ru_maxrss`): time(16N)/time(N) and the measured crossover.
+`--gradient_checkpointing` every model recomputes its blocks in the backward, and Chronos-V's mixers, inside a
+block, each scan order), through `bench_scaling.py`'s worker (peak = growth of `ru_maxrss`, which also counts what
+glibc keeps cached; `--held_memory` adds the memory one step holds at once, measured as for the op):
+time(16N)/time(N) and the measured crossover.
 
 Timings on a shared machine are noisy; compare within one run.
 """
@@ -29,8 +31,6 @@ Timings on a shared machine are noisy; compare within one run.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -52,30 +52,6 @@ MODEL_NAMES = {"chronos-ssd": "Chronos-V ssd", "chronos-ssd-shared": "Chronos-V 
 # ----------------------------------------------------------------------------------------------------
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb(fn) -> float:
-    """Peak resident memory the call adds (VmHWM after a reset, minus VmRSS before), in MB.
-
-    Freed heap pages of earlier runs (many small autograd buffers) are handed back first (`malloc_trim`), so
-    the run cannot reuse resident memory that the baseline already counts.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the mmap threshold alone
-        pass
-    base = _status_mb("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets VmHWM to the current resident set
-    fn()
-    return _status_mb("VmHWM:") - base
 
 
 def _op_call(method: str, length: int, dtype_name: str, spec: dict):
@@ -131,7 +107,7 @@ def op_worker(spec: dict) -> None:
                 leaf.grad = None
             fn(leaves).float().square().mean().backward()
 
-        peak = _peak_mb(train)  # also the untimed warm-up
+        peak = bench_scaling.held_peak_mb(train)  # also the untimed warm-up
         result = dict(job)
         for name, step in (("forward_s", forward), ("train_s", train)):
             times = []
@@ -166,7 +142,7 @@ def op_table(args) -> None:
             if not (m == "loop" and n > args.loop_max_length)]
     spec = dict(jobs=jobs, threads=args.threads, repeats=args.repeats, budget_s=args.budget_s, heads=args.heads,
                 head_dim=args.head_dim, state_size=args.state_size, chunk_size=args.chunk_size)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, **bench_scaling.HELD_MEMORY_ENV, OMP_NUM_THREADS=str(args.threads))
     results = _run([sys.executable, __file__, "--op-worker", json.dumps(spec)], jobs, args.timeout_s, env)
     table = {(j["method"], j["length"], j["dtype"]): r for j, r in zip(jobs, results)}
 
@@ -201,17 +177,23 @@ def model_table(args) -> None:
                     repeats=args.repeats, budget_s=args.budget_s, memory_fraction=args.memory_fraction, autocast=args.autocast,
                     gradient_checkpointing=args.gradient_checkpointing)
         results[name] = dict(zip(args.tokens, bench_scaling.run_worker(spec, args.timeout_s)))
+        if args.held_memory:  # a second process: memory held at once, measured as the op table measures it
+            held = bench_scaling.run_worker(dict(spec, held_memory=True), args.timeout_s)
+            for tokens, row in zip(args.tokens, held):
+                results[name][tokens]["held_mb"] = row.get("held_mb")
 
     names = list(args.models)
     print(f"\n### Whole model, forward+backward: width {args.width}, depth {args.depth}, batch 1, patch {bench_scaling.PATCH}, "
           f"{args.threads} thread(s), {'bf16 autocast' if args.autocast == 'bf16' else 'float32'}"
-          f"{', block-level gradient checkpointing' if args.gradient_checkpointing else ''}\n")
-    print("| tokens | " + " | ".join(f"{MODEL_NAMES[n]} s" for n in names) + " | " + " | ".join(f"{MODEL_NAMES[n]} peak MB" for n in names) + " |")
-    print("|---:|" + "---:|" * (2 * len(names)))
+          f"{', gradient checkpointing (blocks; Chronos-V also per scan order)' if args.gradient_checkpointing else ''}\n")
+    memory = [("peak_mb", "peak MB")] + ([("held_mb", "held MB")] if args.held_memory else [])
+    print("| tokens | " + " | ".join(f"{MODEL_NAMES[n]} s" for n in names) + " | "
+          + " | ".join(f"{MODEL_NAMES[n]} {label}" for _, label in memory for n in names) + " |")
+    print("|---:|" + "---:|" * ((1 + len(memory)) * len(names)))
     for tokens in args.tokens:
         cells = [fmt(results[n][tokens].get("seconds")) if "seconds" in results[n][tokens] else results[n][tokens].get("error", "-")
                  for n in names]
-        peaks = [fmt(results[n][tokens].get("peak_mb"), 0) for n in names]
+        peaks = [fmt(results[n][tokens].get(key), 0) for key, _ in memory for n in names]
         print(f"| {tokens} | " + " | ".join(cells) + " | " + " | ".join(peaks) + " |")
 
     ratios = [t for t in args.tokens if 16 * t in args.tokens]
@@ -262,7 +244,10 @@ def main() -> None:
     model.add_argument("--attention_heads", type=int, default=2)
     model.add_argument("--autocast", choices=("none", "bf16"), default="none", help="bf16: CPU autocast, as the training recipes")
     model.add_argument("--gradient_checkpointing", action="store_true",
-                       help="every model recomputes its blocks in the backward (enable_gradient_checkpointing): less memory, more time")
+                       help="enable_gradient_checkpointing(): every model recomputes its blocks in the backward, Chronos-V also each scan order: less memory, more time")
+    model.add_argument("--held_memory", action="store_true",
+                       help="also measure, in a second process per model, the memory a step holds at once (as the op table: "
+                            "VmHWM with glibc returning freed blocks; ru_maxrss also counts what the allocator keeps cached)")
     model.add_argument("--memory_fraction", type=float, default=0.7, help="skip a size whose extrapolated peak exceeds this share of free RAM")
     parser.add_argument("--op-worker", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -70,14 +70,17 @@ def test_forward_shape_and_dependence_on_every_input(family, kwargs):
     torch.testing.assert_close(model(video, timestep, text_changed_padding, mask).sample, out, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gradient_checkpointing_gives_same_gradients(family):
-    model = tiny_model(family).train()
+@pytest.mark.parametrize("family, kwargs", [("nano-sora", {}), ("chronos-v", {}),
+                                            ("chronos-v", {"scan_type": "ssd", "scan_head_dim": 8, "text_conditioning": "scan_prefix"})])
+def test_gradient_checkpointing_gives_same_gradients(family, kwargs):
+    model = tiny_model(family, **kwargs).train()
     video, timestep, text, mask = backbone_inputs()
     model(video, timestep, text, mask).sample.square().mean().backward()
     reference = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model.enable_gradient_checkpointing()
+    if family == "chronos-v":  # blocks and, inside them, each scan order are recomputed
+        assert all(block.mixer.gradient_checkpointing for block in model.blocks)
     model(video, timestep, text, mask).sample.square().mean().backward()
     for expected, param in zip(reference, model.parameters()):
         torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)

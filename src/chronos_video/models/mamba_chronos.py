@@ -126,6 +126,7 @@ class OmniComplexMambaMixer(nn.Module):
             self.log_lambda = nn.Parameter(torch.log(torch.arange(1, num_decays + 1, dtype=torch.float32)).repeat(inner, 1))
             self.omega = None
         self.D = nn.Parameter(torch.ones(inner))
+        self.gradient_checkpointing = False  # set with the model's by diffusers' `enable_gradient_checkpointing`
 
     @property
     def rope_dim(self) -> int:
@@ -193,9 +194,8 @@ class OmniComplexMambaMixer(nn.Module):
             y = ssd_scan(x_heads, delta, rate, b.unsqueeze(2), c.unsqueeze(2), chunk_size=self.chunk_size, D=skip)
         return y.reshape(rows, length, inner)
 
-    def forward(self, hidden_states: torch.Tensor, route: ScanRoute) -> torch.Tensor:
-        """(B, L', D) tokens in sequence order -> (B, L', D) mixer output."""
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
+    def _scan_orders(self, x: torch.Tensor, route: ScanRoute) -> torch.Tensor:
+        """(B, L', E) scan inputs in sequence order -> (S, B, L', E) scan outputs of every order, back in sequence order."""
         x = F.silu(self._causal_conv(route.to_orders(x)))  # (S*B, L', E)
         params = self.x_proj(x)
         rank = self.time_step_rank
@@ -207,7 +207,18 @@ class OmniComplexMambaMixer(nn.Module):
         else:
             b, c = self._state_inputs(params[..., rank:], route)
             y = selective_scan(x.transpose(1, 2), delta.transpose(1, 2), self.state_matrix(), b, c, D=self.D.float()).transpose(1, 2)
-        y = route.from_orders(y)  # (S, B, L', E)
+        return route.from_orders(y)
+
+    def forward(self, hidden_states: torch.Tensor, route: ScanRoute) -> torch.Tensor:
+        """(B, L', D) tokens in sequence order -> (B, L', D) mixer output."""
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
+        if self.gradient_checkpointing and torch.is_grad_enabled() and route.num_orders > 1:
+            # One order at a time, each recomputed in the backward: autograd keeps the orders' outputs, not the
+            # S orders' conv, projections and scan intermediates at twice the width (the bulk of the memory).
+            orders = [self._gradient_checkpointing_func(self._scan_orders, x, route.order(s)) for s in range(route.num_orders)]
+            y = torch.cat(orders)  # (S, B, L', E)
+        else:
+            y = self._scan_orders(x, route)
         if self.order_gate is None:
             merged = y[0]
         else:

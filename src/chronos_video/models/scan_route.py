@@ -6,7 +6,7 @@ per forward (`build_scan_route`) and shared by every block instead of being reco
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -70,6 +70,19 @@ class ScanRoute:
         rows, length, channels = y.shape
         restored = y.reshape(rows * length, channels).index_select(0, self.flat_inverse)
         return restored.view(self.num_orders, rows // self.num_orders, length, channels)
+
+    def order(self, index: int) -> "ScanRoute":
+        """The route of scan order `index` alone, so a mixer can run (and recompute) one order at a time."""
+        rows = self.flat_order.numel() // self.num_orders  # B * L' gather indices per order
+        batch = rows // self.mixer_length
+        part = slice(index * rows, (index + 1) * rows)
+        batch_rows = slice(index * batch, (index + 1) * batch)
+
+        def rows_of(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[batch_rows]
+
+        return replace(self, num_orders=1, flat_order=self.flat_order[part], flat_inverse=self.flat_inverse[part] - index * rows,
+                       step_scale=rows_of(self.step_scale), rotation=rows_of(self.rotation), angles=rows_of(self.angles))
 
     def along_orders(self, values: torch.Tensor, batch: int) -> torch.Tensor:
         """Per-token values (1 or B, L', C) in sequence order -> (S*B, L', C) in each scan order."""
