@@ -143,6 +143,10 @@ def test_lm_saves_and_loads_through_auto_classes(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     loss = model.code_loss(ids)
     assert loss.ndim == 0 and torch.isfinite(loss)
+    # per-code log-likelihoods: the full forward's logits, renormalised over the visual codes, at each code
+    expected = model(ids).logits[:, 16:-1, 21:].log_softmax(-1).gather(-1, (ids[:, 17:] - 21).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(model.code_log_likelihoods(ids), expected)
+    torch.testing.assert_close(loss, -expected.mean())
 
 
 SAMPLING = {
@@ -310,3 +314,14 @@ def test_train_tokenizer_then_lm_then_generate_longer(tmp_path):
 
     assert cli_main(["evaluate", "--pipeline", str(lm_dir), "--num-prompts", "2", "--guidance-scale", "2", "--top-k", "5"]) == 0
     assert cli_main(["evaluate", "--pipeline", str(lm_dir), "--num-prompts", "2", "--guidance-scale", "2", "--guidance-plausibility", "0.1"]) == 0
+
+    # the LM read as a direction classifier on real held-out clips (benchmarks/ar_direction_probe.py)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ar_direction_probe", root / "benchmarks" / "ar_direction_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    result = probe.main(["--pipeline", str(lm_dir), "--num_prompts", "6", "--early_frames", "2", "--output", str(tmp_path / "probe.json")])
+    assert len(result["rows"]) == 6 and result["scores"]["all held-out prompts"]["n"] == 6
+    assert all(0 <= row["whole"] <= 1 and 0 <= row["early"] <= 1 for row in result["scores"].values())
+    assert json.loads((tmp_path / "probe.json").read_text())["scores"] == result["scores"]

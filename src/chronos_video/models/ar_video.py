@@ -140,15 +140,19 @@ class ARVideoForCausalLM(Qwen2ForCausalLM):
         super().__init__(config)
         self.model.rotary_emb = VideoRotaryEmbedding(config)
 
-    def code_loss(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Next-code cross-entropy over the video part of `input_ids` (prefix + codes), logits restricted
-        to the visual codes: caption tokens are given, never predicted."""
+    def code_log_likelihoods(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """(batch, codes) log-probability of every code of `input_ids` (prefix + codes) given what precedes it,
+        over the visual codes only: caption tokens are given, never predicted."""
         config = self.config
         hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
         hidden = hidden[:, config.prefix_length - 1 : -1]  # the states that predict each code
         logits = self.lm_head(hidden).float()[..., config.visual_token_offset :]
         targets = input_ids[:, config.prefix_length :] - config.visual_token_offset
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def code_loss(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Next-code cross-entropy over the video part of `input_ids` (the training objective)."""
+        return -self.code_log_likelihoods(input_ids).mean()
 
 
 class VisualTokensLogitsProcessor(LogitsProcessor):
