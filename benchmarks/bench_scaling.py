@@ -121,7 +121,8 @@ def worker(spec: dict) -> None:
         name = job["model"]
         if name not in models:
             torch.manual_seed(0)  # "chronos" and "chronos-gate" get identical weights
-            models[name] = build_model(name, spec["width"], spec["depth"], spec["heads"])
+            extra = spec.get("chronos_config", {}) if name.startswith("chronos") else {}
+            models[name] = build_model(name, spec["width"], spec["depth"], spec["heads"], **extra)
             if spec.get("gradient_checkpointing"):  # diffusers' block-level recomputation in the backward
                 models[name].enable_gradient_checkpointing()
         model = models[name]

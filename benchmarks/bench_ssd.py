@@ -175,7 +175,7 @@ def model_table(args) -> None:
         jobs = [dict(model=name, grid=bench_scaling.GRIDS[tokens], mode="train") for tokens in args.tokens]
         spec = dict(jobs=jobs, width=args.width, depth=args.depth, heads=args.attention_heads, threads=args.threads,
                     repeats=args.repeats, budget_s=args.budget_s, memory_fraction=args.memory_fraction, autocast=args.autocast,
-                    gradient_checkpointing=args.gradient_checkpointing)
+                    gradient_checkpointing=args.gradient_checkpointing, chronos_config={"num_scan_orders": args.scan_orders})
         results[name] = dict(zip(args.tokens, bench_scaling.run_worker(spec, args.timeout_s)))
         if args.held_memory:  # a second process: memory held at once, measured as the op table measures it
             held = bench_scaling.run_worker(dict(spec, held_memory=True), args.timeout_s)
@@ -185,7 +185,8 @@ def model_table(args) -> None:
     names = list(args.models)
     print(f"\n### Whole model, forward+backward: width {args.width}, depth {args.depth}, batch 1, patch {bench_scaling.PATCH}, "
           f"{args.threads} thread(s), {'bf16 autocast' if args.autocast == 'bf16' else 'float32'}"
-          f"{', gradient checkpointing (blocks; Chronos-V also per scan order)' if args.gradient_checkpointing else ''}\n")
+          f"{', gradient checkpointing (blocks; Chronos-V also per scan order)' if args.gradient_checkpointing else ''}"
+          f"{f', Chronos-V with {args.scan_orders} scan orders' if args.scan_orders != 4 else ''}\n")
     memory = [("peak_mb", "peak MB")] + ([("held_mb", "held MB")] if args.held_memory else [])
     print("| tokens | " + " | ".join(f"{MODEL_NAMES[n]} s" for n in names) + " | "
           + " | ".join(f"{MODEL_NAMES[n]} {label}" for _, label in memory for n in names) + " |")
@@ -245,6 +246,7 @@ def main() -> None:
     model.add_argument("--autocast", choices=("none", "bf16"), default="none", help="bf16: CPU autocast, as the training recipes")
     model.add_argument("--gradient_checkpointing", action="store_true",
                        help="enable_gradient_checkpointing(): every model recomputes its blocks in the backward, Chronos-V also each scan order: less memory, more time")
+    model.add_argument("--scan_orders", type=int, choices=(1, 2, 4), default=4, help="Chronos-V's scan orders per block")
     model.add_argument("--held_memory", action="store_true",
                        help="also measure, in a second process per model, the memory a step holds at once (as the op table: "
                             "VmHWM with glibc returning freed blocks; ru_maxrss also counts what the allocator keeps cached)")

@@ -79,10 +79,10 @@ def test_ssd_benchmark_quick_mode_prints_both_tables():
     assert "| 256 | " in result.stdout.split("### Whole model")[1] and "error" not in result.stdout
     assert "Crossover:" in result.stdout
     checkpointed = subprocess.run(command + ["--mode", "model", "--models", "chronos-ssd-shared", "nano-sora", "--gradient_checkpointing",
-                                             "--held_memory"], cwd=REPO, capture_output=True, text=True,
+                                             "--held_memory", "--scan_orders", "2"], cwd=REPO, capture_output=True, text=True,
                                   env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert checkpointed.returncode == 0, checkpointed.stderr[-2000:]
-    assert "gradient checkpointing (blocks; Chronos-V also per scan order)" in checkpointed.stdout
+    assert "gradient checkpointing (blocks; Chronos-V also per scan order), Chronos-V with 2 scan orders" in checkpointed.stdout
     row = next(line for line in checkpointed.stdout.splitlines() if line.startswith("| 256 | "))
     cells = [cell.strip() for cell in row.strip("|").split("|")]  # tokens, 2 times, 2 peaks, 2 held peaks
     assert len(cells) == 7 and all(float(cell) >= 0 for cell in cells[1:]), row
