@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ssd import _peak_mb  # noqa: E402  (the same peak-memory measurement as the scan benchmark)
+from bench_scaling import held_peak_mb  # noqa: E402  (the same peak-memory measurement as the scan benchmark)
 
 from chronos_video import ARVideoPipeline  # noqa: E402
 from chronos_video.evaluation.pipeline_eval import evaluate_pipeline  # noqa: E402
@@ -52,7 +52,7 @@ def decode_once(pipe: ARVideoPipeline, num_frames: int, batch: int, use_cache: b
                     use_cache=use_cache, pad_token_id=lm.config.begin_of_video_token_id, **({"cache": cache} if use_cache else {}))
         timing["seconds"] = time.perf_counter() - started
 
-    peak = _peak_mb(run)
+    peak = held_peak_mb(run)
     return {"seconds": timing["seconds"], "tokens_per_s": batch * new_tokens / timing["seconds"], "peak_mb": peak,
             "cache_mb": cache_mb(cache) if cache is not None else 0.0}
 

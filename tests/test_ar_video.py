@@ -3,6 +3,8 @@ with transformers' `generate()`, and ARVideoPipeline."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessorList
@@ -315,9 +317,16 @@ def test_train_tokenizer_then_lm_then_generate_longer(tmp_path):
     assert cli_main(["evaluate", "--pipeline", str(lm_dir), "--num-prompts", "2", "--guidance-scale", "2", "--top-k", "5"]) == 0
     assert cli_main(["evaluate", "--pipeline", str(lm_dir), "--num-prompts", "2", "--guidance-scale", "2", "--guidance-plausibility", "0.1"]) == 0
 
-    # the LM read as a direction classifier on real held-out clips (benchmarks/ar_direction_probe.py)
+    # the benchmarks that read a saved AR pipeline: decoding speed/memory, and the LM as a direction classifier
     import importlib.util
+    import subprocess
+    import sys
 
+    decoding = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_ar_decoding.py"), "--pipeline", str(lm_dir), "--frames", "2",
+                               "--no_cache_max_frames", "2", "--oracle_prompts", "0", "--time_prompts", "1"],
+                              capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert decoding.returncode == 0, decoding.stderr[-2000:]
+    assert "| 2 | on |" in decoding.stdout and "| 2 | off |" in decoding.stdout, decoding.stdout[-2000:]
     spec = importlib.util.spec_from_file_location("ar_direction_probe", root / "benchmarks" / "ar_direction_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
