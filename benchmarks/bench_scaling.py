@@ -46,6 +46,7 @@ TEXT_TOKENS, TEXT_DIM = 8, 32
 
 
 def build_model(name: str, width: int, depth: int, heads: int, **extra):
+    """`extra`: more ChronosMambaModel config (ignored for Nano-Sora)."""
     from chronos_video import ChronosMambaModel, NanoSoraTransformer3DModel
 
     common = dict(patch_size=PATCH, hidden_size=width, num_layers=depth, num_attention_heads=heads, text_embed_dim=TEXT_DIM)
@@ -121,8 +122,7 @@ def worker(spec: dict) -> None:
         name = job["model"]
         if name not in models:
             torch.manual_seed(0)  # "chronos" and "chronos-gate" get identical weights
-            extra = spec.get("chronos_config", {}) if name.startswith("chronos") else {}
-            models[name] = build_model(name, spec["width"], spec["depth"], spec["heads"], **extra)
+            models[name] = build_model(name, spec["width"], spec["depth"], spec["heads"], **spec.get("chronos_config", {}))
             if spec.get("gradient_checkpointing"):  # diffusers' block-level recomputation in the backward
                 models[name].enable_gradient_checkpointing()
         model = models[name]

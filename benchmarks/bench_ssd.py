@@ -52,8 +52,6 @@ MODEL_NAMES = {"chronos-ssd": "Chronos-V ssd", "chronos-ssd-shared": "Chronos-V 
 # ----------------------------------------------------------------------------------------------------
 
 
-
-
 def _op_call(method: str, length: int, dtype_name: str, spec: dict):
     """(forward, inputs that take gradients) of one scan configuration."""
     import torch
